@@ -1,0 +1,328 @@
+"""Request bodies in, validated values out; responses to bytes.  No I/O.
+
+Everything here is sans-io in the manner of h11: the HTTP layer hands over
+the content type and the body bytes, and gets back plain Python values or a
+``ClientError`` that names what was wrong and where.  The same functions
+serve the embedded engine, which skips only the byte decoding.
+
+Decoding untrusted msgpack is bounded by the body's own size: no container
+or string can declare more elements than there are bytes left to hold them,
+so a header promising 2**32-1 elements fails at once instead of allocating.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from muse._errors import BadRequest, InvalidEvent, PayloadTooLarge, UnsupportedMediaType
+
+__all__ = [
+    "MSGPACK",
+    "JSON",
+    "media_type",
+    "decode_body",
+    "encode_body",
+    "ScoreRequest",
+    "parse_score_request",
+    "build_matrix",
+]
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+
+# Every spelling of msgpack seen in the wild decodes alike.
+_MSGPACK_TYPES = frozenset(
+    {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
+)
+
+# Integers beyond 2**53 have no exact float64; a feature value that would be
+# silently rounded is refused instead.
+_MAX_EXACT_INT = 2**53
+
+
+def media_type(content_type: str | None) -> str:
+    """Normalise a Content-Type header to ``MSGPACK`` or ``JSON``.
+
+    Args:
+        content_type: the raw header value, or None when absent.
+
+    Returns:
+        ``MSGPACK`` or ``JSON``.
+
+    Raises:
+        UnsupportedMediaType: absent or not a type MUSE decodes.
+    """
+    if not content_type:
+        raise UnsupportedMediaType(
+            "Content-Type is required: application/msgpack or application/json"
+        )
+    base = content_type.split(";", 1)[0].strip().lower()
+    if base in _MSGPACK_TYPES:
+        return MSGPACK
+    if base == JSON:
+        return JSON
+    raise UnsupportedMediaType(
+        f"Content-Type {base!r} is not supported; "
+        "send application/msgpack or application/json"
+    )
+
+
+def decode_body(body: bytes, kind: str) -> Any:
+    """Decode a request body of a known media type, with size-derived limits.
+
+    Args:
+        body: the complete body.
+        kind: ``MSGPACK`` or ``JSON`` (from ``media_type``).
+
+    Returns:
+        The decoded value (msgpack arrays come back as lists).
+
+    Raises:
+        BadRequest: the bytes are not one valid document of that type.
+    """
+    if not body:
+        raise BadRequest("request body is empty")
+    if kind == JSON:
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    size = len(body)
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=False,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=size,
+            max_map_len=size // 2,
+            max_ext_len=size,
+        )
+    except msgpack.ExtraData as exc:
+        if body[:1] in (b"{", b"["):
+            raise BadRequest(
+                "body looks like JSON but is labelled msgpack; "
+                "send Content-Type: application/json"
+            ) from exc
+        raise BadRequest("body holds more than one msgpack document") from exc
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body has a string that is not valid UTF-8: {exc}") from exc
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # Unhashable keys (arrays or maps used as keys) surface as TypeError.
+        raise BadRequest(f"body is not valid msgpack: {exc}") from exc
+
+
+def encode_body(value: Any, kind: str) -> bytes:
+    """Encode a response body as msgpack or JSON."""
+    if kind == JSON:
+        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    """A scoring request after structural validation.
+
+    Attributes:
+        intent: what the caller wants scored (e.g. ``card-fraud``).
+        events: the events, each a mapping with ``features`` and maybe ``id``.
+        deadline_ms: the caller's deadline in milliseconds, or None.
+    """
+
+    intent: str
+    events: Sequence[Mapping[Any, Any]]
+    deadline_ms: float | None
+
+
+def parse_score_request(document: Any, *, max_events: int) -> ScoreRequest:
+    """Check the shape of a decoded ``/v1/score`` body.
+
+    Args:
+        document: the decoded body.
+        max_events: the batch limit; more events is a 413.
+
+    Returns:
+        The request; the events themselves are checked by ``build_matrix``.
+
+    Raises:
+        BadRequest: a field is absent or of the wrong type.
+        PayloadTooLarge: more events than ``max_events``.
+    """
+    if not isinstance(document, dict):
+        raise BadRequest(f"body must be a map, got {_type_name(document)}")
+    intent = document.get("intent")
+    if not isinstance(intent, str) or not intent:
+        raise BadRequest(f"'intent' must be a non-empty string, got {intent!r}")
+    events = document.get("events")
+    if not isinstance(events, list):
+        raise BadRequest(f"'events' must be an array, got {_type_name(events)}")
+    if not events:
+        raise BadRequest("'events' is empty")
+    if len(events) > max_events:
+        raise PayloadTooLarge(
+            f"{len(events)} events in one request; the limit is {max_events}"
+        )
+    deadline = document.get("deadline_ms")
+    if deadline is not None:
+        if type(deadline) not in (int, float) or not 0 < deadline < math.inf:
+            raise BadRequest(
+                f"'deadline_ms' must be a positive number, got {deadline!r}"
+            )
+    return ScoreRequest(intent, events, deadline)
+
+
+def event_ids(events: Sequence[Mapping[Any, Any]]) -> list[Any]:
+    """Each event's id, or its index in the request when it has none.
+
+    Call it after ``build_matrix``, which has checked the ids' types.
+    """
+    return [_label(e, i) for i, e in enumerate(events)]
+
+
+def build_matrix(
+    events: Sequence[Any],
+    feature_names: Sequence[str],
+    *,
+    allow_missing: bool = True,
+    allow_infinity: bool = False,
+) -> np.ndarray:
+    """Turn events into a float64 matrix, one column per feature, NaN = missing.
+
+    An absent feature, nil and NaN are the same "missing".  Booleans,
+    strings, ext values and integers with no exact float64 are refused
+    rather than guessed at, and so are keys that are not strings.
+
+    Args:
+        events: decoded events, each ``{"id": ..., "features": {...}}``.
+        feature_names: the columns, in the model's order.
+        allow_missing: whether the models can take a missing value.
+        allow_infinity: whether the models' libraries accept infinity.
+
+    Returns:
+        A C-contiguous array of shape (len(events), len(feature_names)).
+
+    Raises:
+        InvalidEvent: naming the event and the feature at fault.
+    """
+    matrix = np.empty((len(events), len(feature_names)), dtype=np.float64)
+    for row, event in enumerate(events):
+        features = _features_of(event, row)
+        _check_keys(features, event, row)
+        out = matrix[row]
+        for col, name in enumerate(feature_names):
+            value = features.get(name)
+            # float first: it is what nearly every client sends.
+            if type(value) is float:
+                if value != value or value in (math.inf, -math.inf):
+                    value = _special_float(value, event, row, name, allow_infinity)
+            elif value is None:
+                value = math.nan
+            else:
+                value = _coerce(value, event, row, name)
+            if value != value and not allow_missing:
+                raise InvalidEvent(
+                    f"event {_label(event, row)}: feature {name!r} is missing "
+                    "and the model cannot take missing values",
+                    event=_label(event, row),
+                    feature=name,
+                )
+            out[col] = value
+    return matrix
+
+
+def _features_of(event: Any, row: int) -> dict[Any, Any]:
+    if not isinstance(event, dict):
+        raise InvalidEvent(
+            f"event at index {row} must be a map, got {_type_name(event)}",
+            event=row,
+        )
+    ident = event.get("id")
+    if ident is not None and (type(ident) not in (str, int)):
+        raise InvalidEvent(
+            f"event at index {row}: 'id' must be a string or an integer, "
+            f"got {_type_name(ident)}",
+            event=row,
+        )
+    features = event.get("features")
+    if not isinstance(features, dict):
+        raise InvalidEvent(
+            f"event {_label(event, row)}: 'features' must be a map, "
+            f"got {_type_name(features)}",
+            event=_label(event, row),
+        )
+    return features
+
+
+def _check_keys(features: dict[Any, Any], event: Any, row: int) -> None:
+    for key in features:
+        if type(key) is not str:
+            raise InvalidEvent(
+                f"event {_label(event, row)}: feature key {key!r} is "
+                f"{_type_name(key)}, not a string",
+                event=_label(event, row),
+            )
+
+
+def _special_float(
+    value: float, event: Any, row: int, name: str, allow_infinity: bool
+) -> float:
+    if value != value or allow_infinity:
+        return value
+    raise InvalidEvent(
+        f"event {_label(event, row)}: feature {name!r} is {value!r}; "
+        "this model's library does not accept infinity",
+        event=_label(event, row),
+        feature=name,
+    )
+
+
+def _coerce(value: Any, event: Any, row: int, name: str) -> float:
+    # bool is an int subclass: test it first so True never becomes 1.0.
+    if type(value) is int:
+        if -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT:
+            return float(value)
+        problem = f"integer {value} has no exact float64 value"
+    elif isinstance(value, bool):
+        problem = f"boolean {value!r} is not a number"
+    else:
+        problem = f"{_type_name(value)} {value!r:.40} is not a number"
+    raise InvalidEvent(
+        f"event {_label(event, row)}: feature {name!r}: {problem}",
+        event=_label(event, row),
+        feature=name,
+    )
+
+
+def _label(event: Any, row: int) -> Any:
+    if isinstance(event, dict):
+        ident = event.get("id")
+        if type(ident) in (str, int):
+            return ident
+    return row
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nil"
+    if isinstance(value, msgpack.ExtType):
+        return f"ext type {value.code}"
+    if isinstance(value, msgpack.Timestamp):
+        return "timestamp"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        bytes: "binary",
+        list: "array",
+        tuple: "array",
+        dict: "map",
+    }.get(type(value), type(value).__name__)
