@@ -28,3 +28,61 @@ def data_path() -> Path:
     if not path.is_file():
         pytest.skip(f"real transaction data not found at {path} (set MUSE_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic() -> dict:
+    """Four months of synthetic transactions (fast, deterministic)."""
+    from muse._synthetic import generate_transactions
+
+    return generate_transactions(40_000, seed=7)
+
+
+@pytest.fixture(scope="session")
+def xgb_bytes(synthetic: dict) -> bytes:
+    """A small XGBoost model (JSON) trained on the synthetic rows."""
+    import numpy as np
+    import xgboost as xgb
+
+    from muse._synthetic import FEATURES
+
+    X = np.column_stack([synthetic[f] for f in FEATURES]).astype(np.float64)
+    y = synthetic["TX_FRAUD"]
+    booster = xgb.train(
+        {"max_depth": 3, "objective": "binary:logistic", "nthread": 2, "eta": 0.3},
+        xgb.DMatrix(X, label=y, feature_names=list(FEATURES)),
+        num_boost_round=30,
+    )
+    return bytes(booster.save_raw("json"))
+
+
+@pytest.fixture(scope="session")
+def lgb_bytes(synthetic: dict) -> bytes:
+    """A small LightGBM model (text) trained on the synthetic rows."""
+    import lightgbm as lgb
+    import numpy as np
+
+    from muse._synthetic import FEATURES
+
+    X = np.column_stack([synthetic[f] for f in FEATURES]).astype(np.float64)
+    booster = lgb.train(
+        {"objective": "binary", "num_leaves": 15, "verbose": -1, "num_threads": 2},
+        lgb.Dataset(X, label=synthetic["TX_FRAUD"], feature_name=list(FEATURES)),
+        num_boost_round=30,
+    )
+    return booster.model_to_string().encode()
+
+
+@pytest.fixture(scope="session")
+def events(synthetic: dict) -> list[dict]:
+    """The synthetic rows as scoring events, with their tenants."""
+    from muse._synthetic import FEATURES, tenant_of
+
+    columns = [synthetic[f].tolist() for f in FEATURES]
+    out = []
+    for i, (customer, tx) in enumerate(
+        zip(synthetic["CUSTOMER_ID"].tolist(), synthetic["TRANSACTION_ID"].tolist())
+    ):
+        features = {f: float(col[i]) for f, col in zip(FEATURES, columns)}
+        out.append({"id": int(tx), "tenant": tenant_of(customer), "features": features})
+    return out
