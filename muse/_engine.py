@@ -1,0 +1,337 @@
+"""The engine: actors wired together, and the operations clients call.
+
+``open_engine`` starts, in one trio nursery, the router, a live scorer, a
+shadow scorer and the calibrator, connected by bounded memory channels::
+
+    score() --Job--> live scorer ---ScoredBatch--> calibrator --> answer
+       \\---Job--> shadow scorer --ScoredBatch--/   (samples, edge shares)
+    admin ops --Change--> router  (publishes to the registry, swaps snapshot)
+
+A scoring request resolves its route once against the router's snapshot,
+queues a job without waiting (a full queue is an immediate ``Overloaded``),
+queues shadow jobs the same way (a full shadow queue drops them, counted),
+then waits for its own job until its deadline.  The HTTP app is a thin layer
+over this object; a trio application can use it directly.
+
+Admin operations are methods too.  Each writes to the registry before it
+takes effect, so a restarted engine comes back with the same state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from muse._calibrator import Calibrator, ScoredBatch
+from muse._admin import Admin
+from muse._errors import DeadlineExceeded, InternalError, MuseError, Overloaded
+from muse._keys import Principal
+from muse._quota import QuotaPolicy, Quotas
+from muse._registry import Registry
+from muse._routes import ANY_TENANT
+from muse._router import CHANGE_BUFFER, Change, Router
+from muse._scorer import Job, Scorer
+from muse._serving import Serving
+from muse._wire import build_matrix, event_ids
+
+__all__ = ["Engine", "EngineOptions", "open_engine"]
+
+log = logging.getLogger("muse.engine")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings, resolved once at start-up.
+
+    Attributes:
+        deadline_ms: default per-request deadline.
+        max_events: most events in one request.
+        live_queue: jobs waiting for the live scorer before requests are shed.
+            At ~64 events a job this is a few milliseconds of work, so a full
+            queue means the engine is saturated, not momentarily busy.
+        shadow_queue: shadow jobs waiting before new ones are dropped.
+        calibrator_queue: scored batches waiting for the calibrator.
+        persist_interval: seconds between calibration sample flushes.
+        sample_capacity: reservoir size per (predictor, tenant, source).
+        quotas: tenant (or ``*``) -> events per second and burst.
+        seed: seeds the reservoirs' random draws (tests).
+    """
+
+    deadline_ms: float = 100.0
+    max_events: int = 4096
+    live_queue: int = 2048
+    shadow_queue: int = 1024
+    calibrator_queue: int = 256
+    persist_interval: float = 60.0
+    sample_capacity: int = 50_000
+    quotas: Mapping[str, QuotaPolicy] | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    requests: int
+    events: int
+    overloaded: int
+    deadline_exceeded: int
+    aborted: int
+    shadow_jobs: int
+    shadow_dropped: int
+    live_queue: int
+    shadow_queue: int
+
+
+class Engine:
+    """Scores events and changes what is served.  Made by ``open_engine``."""
+
+    def __init__(self, registry: Registry, options: EngineOptions) -> None:
+        self.registry = registry
+        self.options = options
+        self._quotas = Quotas(options.quotas or {})
+        live_send, live_receive = trio.open_memory_channel[Job](options.live_queue)
+        shadow_send, shadow_receive = trio.open_memory_channel[Job](
+            options.shadow_queue
+        )
+        batch_send, batch_receive = trio.open_memory_channel[ScoredBatch](
+            options.calibrator_queue
+        )
+        change_send, change_receive = trio.open_memory_channel[Change](CHANGE_BUFFER)
+        self._live_send, self._shadow_send = live_send, shadow_send
+        self._change_send = change_send
+        self.batch_sizes: list[int] = []
+        self.live_scorer = Scorer(live_receive, batch_send, observe_batch=self._observe)
+        self.shadow_scorer = Scorer(
+            shadow_receive, batch_send.clone(), yield_to=live_receive
+        )
+        batch_send.close()  # each scorer holds its own clone
+        self.calibrator = Calibrator(
+            batch_receive,
+            save_samples=_sample_saver(registry),
+            persist_interval=options.persist_interval,
+            capacity=options.sample_capacity,
+            seed=options.seed,
+        )
+        self.router = Router(Serving(), change_receive, self._publish_routes)
+        self.admin = Admin(registry, self.router, self.calibrator, self._apply)
+        self._requests = self._events = self._overloaded = 0
+        self._deadlines = self._aborted = self._shadow_jobs = self._shadow_dropped = 0
+        self.on_batch: Any = None
+
+    # -- scoring -------------------------------------------------------------
+
+    async def score(
+        self,
+        tenant: str,
+        intent: str,
+        events: Sequence[Mapping[str, Any]],
+        *,
+        deadline_ms: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Score events for a tenant's intent.
+
+        Args:
+            tenant: whose thresholds the scores feed.
+            intent: what to score, e.g. ``card-fraud``.
+            events: ``{"id": ..., "features": {name: number or None}}`` each.
+            deadline_ms: overrides the engine's default deadline.
+
+        Returns:
+            ``{"id", "score", "predictor", "mapping"}`` per event, in order.
+
+        Raises:
+            NotFound: no route for the intent.
+            InvalidEvent: an event is unusable (names the event and feature).
+            TooManyRequests: the tenant is over its quota.
+            Overloaded: the live queue is full.
+            DeadlineExceeded: the deadline passed; the work was cancelled.
+        """
+        serving = self.router.serving
+        route = serving.table.resolve(tenant, intent)
+        live = serving.predictor(route.live)
+        matrix = build_matrix(
+            events,
+            live.feature_names,
+            allow_missing=live.allow_missing,
+            allow_infinity=live.allow_infinity,
+        )
+        if self._quotas:
+            self._quotas.take(tenant, len(events), trio.current_time())
+        mapping = serving.mapping_for(live.ref, tenant)
+        job = Job(live, tenant, mapping, matrix)
+        try:
+            self._live_send.send_nowait(job)
+        except trio.WouldBlock:
+            self._overloaded += 1
+            raise Overloaded("the live scoring queue is full; retry shortly") from None
+        self._requests += 1
+        self._events += len(events)
+        if route.shadows:
+            self._queue_shadows(serving, route.shadows, tenant, events, matrix, live)
+        await self._wait(job, deadline_ms)
+        assert job.scores is not None
+        ids = event_ids(events)
+        mapping_id = live.predictor.mapping_id_used(mapping)
+        return [
+            {"id": i, "score": s, "predictor": live.ref, "mapping": mapping_id}
+            for i, s in zip(ids, job.scores.tolist())
+        ]
+
+    async def _wait(self, job: Job, deadline_ms: float | None) -> None:
+        budget = (deadline_ms or self.options.deadline_ms) / 1000.0
+        try:
+            with trio.move_on_after(budget):
+                await job.wait_done()
+        finally:
+            # Cancelled from outside (the client went away) or timed out: the
+            # scorer skips the job if it has not started it yet.
+            if job.scores is None and job.error is None:
+                job.cancelled = True
+                self._aborted += 1
+        if job.error is not None:
+            if isinstance(job.error, MuseError):
+                raise job.error
+            raise InternalError(f"scoring failed: {job.error!r}") from job.error
+        if job.scores is None:
+            self._aborted -= 1
+            self._deadlines += 1
+            raise DeadlineExceeded(
+                f"no answer within the deadline of {budget * 1000:g} ms"
+            )
+
+    def _queue_shadows(
+        self,
+        serving: Serving,
+        shadows: tuple[str, ...],
+        tenant: str,
+        events: Sequence[Mapping[str, Any]],
+        matrix: Any,
+        live: Any,
+    ) -> None:
+        for ref in shadows:
+            shadow = serving.predictors.get(ref)
+            if shadow is None:
+                self._shadow_dropped += len(events)
+                continue
+            rows = matrix
+            if shadow.feature_names != live.feature_names:
+                try:
+                    rows = build_matrix(
+                        events,
+                        shadow.feature_names,
+                        allow_missing=shadow.allow_missing,
+                        allow_infinity=shadow.allow_infinity,
+                    )
+                except MuseError:
+                    # The live answer stands; a shadow that cannot take
+                    # these events just does not see them.
+                    self._shadow_dropped += len(events)
+                    continue
+            mapping = serving.mapping_for(ref, tenant)
+            try:
+                self._shadow_send.send_nowait(
+                    Job(shadow, tenant, mapping, rows, shadow=True)
+                )
+            except trio.WouldBlock:
+                self._shadow_dropped += len(events)
+            else:
+                self._shadow_jobs += 1
+
+    def _observe(self, rows: int) -> None:
+        if self.on_batch is not None:
+            self.on_batch(rows)
+
+    # -- wiring ----------------------------------------------------------------
+
+    async def _apply(self, change: Change) -> Serving:
+        """Send a change to the router and wait for it to take effect."""
+        await self._change_send.send(change)
+        await change.done.wait()
+        if change.error is not None:
+            raise change.error
+        assert change.result is not None
+        return change.result
+
+    def _publish_routes(self, table: Any) -> None:
+        document = table.to_dict()
+        del document["version"]  # the registry numbers its documents itself
+        self.registry.put_routes(document, table.version - 1)
+
+    async def _close(self) -> None:
+        # Closing the inboxes lets each actor drain what it holds and return;
+        # the calibrator persists its samples on the way out.
+        await self._live_send.aclose()
+        await self._shadow_send.aclose()
+        await self._change_send.aclose()
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller behind an Authorization header value."""
+        return self.admin.keys.authenticate(authorization)
+
+    def ready(self) -> list[str]:
+        """Routed predictors not loaded; empty when every route can serve."""
+        return self.router.serving.missing()
+
+    def statistics(self) -> EngineStatistics:
+        return EngineStatistics(
+            self._requests,
+            self._events,
+            self._overloaded,
+            self._deadlines,
+            self._aborted,
+            self._shadow_jobs,
+            self._shadow_dropped,
+            self._live_send.statistics().current_buffer_used,
+            self._shadow_send.statistics().current_buffer_used,
+        )
+
+
+def _sample_saver(registry: Registry) -> Any:
+    def save(predictor: str, tenant: str, source: str, values: Any) -> None:
+        registry.save_samples(
+            predictor, None if tenant == ANY_TENANT else tenant, source, values
+        )
+
+    return save
+
+
+@asynccontextmanager
+async def open_engine(
+    registry: str | Path | Registry, **options: Any
+) -> AsyncIterator[Engine]:
+    """Start an engine on a registry and stop it cleanly on exit.
+
+    Args:
+        registry: a registry directory (created if absent) or a Registry.
+        **options: any field of ``EngineOptions``.
+
+    Yields:
+        The running engine; every routed predictor is loaded before it is
+        yielded.
+    """
+    if not isinstance(registry, Registry):
+        registry = Registry(Path(registry))
+    engine = Engine(registry, EngineOptions(**options))
+    await engine.admin.load()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.calibrator.run)
+        await nursery.start(engine.live_scorer.run)
+        await nursery.start(engine.shadow_scorer.run)
+        await nursery.start(engine.router.run)
+        log.info(
+            "engine started on %s: %d predictors loaded, %d routes",
+            registry.path,
+            len(engine.router.serving.predictors),
+            len(engine.router.serving.table.routes),
+        )
+        try:
+            yield engine
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine._close()
+    log.info("engine stopped")

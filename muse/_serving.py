@@ -1,0 +1,136 @@
+"""What the engine serves at one moment: one immutable snapshot.
+
+A ``Serving`` value bundles the route table with the loaded predictors and
+mappings it names.  The router replaces it with one assignment; a request
+reads it once and uses that value throughout, so the predictor version, its
+models and its mapping always come from the same moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from muse._errors import NotFound, NotReady
+from muse._routes import RouteTable
+
+__all__ = ["LoadedPredictor", "Serving"]
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedPredictor:
+    """A predictor with its compiled models resolved.
+
+    Attributes:
+        predictor: the declared DAG.
+        models: model ref -> compiled model (shared with other predictors).
+        plan: per model, (ref, model, column indices into the predictor's
+            features, or None when the model takes them all in order).
+    """
+
+    predictor: Any
+    models: Mapping[str, Any]
+    plan: tuple[tuple[str, Any, np.ndarray | None], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = list(self.predictor.feature_names)
+        plan = []
+        for ref in self.predictor.model_refs:
+            model = self.models[ref]
+            wanted = list(model.feature_names)
+            columns = (
+                None
+                if wanted == names
+                else np.array([names.index(f) for f in wanted], dtype=np.intp)
+            )
+            plan.append((ref, model, columns))
+        object.__setattr__(self, "plan", tuple(plan))
+
+    @property
+    def ref(self) -> str:
+        return str(self.predictor.ref)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(self.predictor.feature_names)
+
+    @property
+    def allow_missing(self) -> bool:
+        return all(getattr(m, "allows_missing", True) for m in self.models.values())
+
+    @property
+    def allow_infinity(self) -> bool:
+        return all(getattr(m, "allows_infinity", False) for m in self.models.values())
+
+    def combine(self, outputs: dict[str, np.ndarray], mapping: Any) -> np.ndarray:
+        return self.predictor.combine(outputs, mapping)  # type: ignore[no-any-return]
+
+    def score(self, matrix: np.ndarray, mapping: Any) -> np.ndarray:
+        """The whole DAG on one matrix, without the actors (offline checks)."""
+        outputs = {
+            ref: model.predict(
+                matrix if cols is None else np.ascontiguousarray(matrix[:, cols])
+            )
+            for ref, model, cols in self.plan
+        }
+        return self.combine(outputs, mapping)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Routes plus every predictor and mapping they need, at one version."""
+
+    table: RouteTable = field(default_factory=RouteTable)
+    predictors: Mapping[str, LoadedPredictor] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    mappings: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    def predictor(self, ref: str) -> LoadedPredictor:
+        """A loaded predictor.
+
+        Raises:
+            NotReady: the route names a version that is not loaded.
+        """
+        found = self.predictors.get(ref)
+        if found is None:
+            raise NotReady(f"predictor {ref} is routed but not loaded")
+        return found
+
+    def mapping_for(self, predictor: str, tenant: str) -> Any:
+        """The mapping object for (predictor, tenant), with fallback, or None."""
+        mapping_id = self.table.mapping_id(predictor, tenant)
+        return None if mapping_id is None else self.mappings[mapping_id]
+
+    def missing(self) -> list[str]:
+        """Routed predictor refs that are not loaded (empty when ready)."""
+        return sorted(self.table.predictors() - set(self.predictors))
+
+    def with_changes(
+        self,
+        table: RouteTable | None = None,
+        predictors: Mapping[str, LoadedPredictor] | None = None,
+        mappings: Mapping[str, Any] | None = None,
+    ) -> Serving:
+        merged_predictors = dict(self.predictors)
+        merged_predictors.update(predictors or {})
+        merged_mappings = dict(self.mappings)
+        merged_mappings.update(mappings or {})
+        return Serving(
+            table if table is not None else self.table,
+            MappingProxyType(merged_predictors),
+            MappingProxyType(merged_mappings),
+        )
+
+    def require_loaded(self, ref: str) -> LoadedPredictor:
+        """Like ``predictor`` but for admin calls: an unknown ref is a 404."""
+        found = self.predictors.get(ref)
+        if found is None:
+            raise NotFound(f"predictor {ref} is not loaded (declare it first)")
+        return found
