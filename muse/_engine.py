@@ -109,7 +109,6 @@ class Engine:
         self.shadow_scorer = Scorer(
             shadow_receive, batch_send.clone(), yield_to=live_receive
         )
-        batch_send.close()  # each scorer holds its own clone
         self.calibrator = Calibrator(
             batch_receive,
             save_samples=_sample_saver(registry),

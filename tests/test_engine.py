@@ -1,0 +1,159 @@
+"""The embedded engine: routing, batching, shadows, promotion, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from muse import open_engine
+from muse._errors import InvalidEvent, MappingFitError, NotFound, Overloaded
+from muse._synthetic import FEATURES
+from muse._wire import build_matrix
+
+INTENT = "card-fraud"
+
+
+def _spec(model: str) -> dict:
+    return {
+        "nodes": [
+            {"id": "m", "kind": "model", "model": model},
+            {"id": "pc", "kind": "posterior_correction", "input": "m"},
+            {"id": "qm", "kind": "quantile_map", "input": "pc"},
+        ],
+        "output": "qm",
+    }
+
+
+async def _setup(engine, xgb_bytes: bytes, lgb_bytes: bytes) -> tuple[str, str]:
+    admin = engine.admin
+    v1 = await admin.put_model("fraud-xgb", xgb_bytes, "xgboost_json", beta=0.05)
+    v2 = await admin.put_model("fraud-lgb", lgb_bytes, "lightgbm", beta=0.5)
+    p1 = (await admin.put_predictor("fraud", _spec(v1["ref"])))["ref"]
+    p2 = (await admin.put_predictor("fraud", _spec(v2["ref"])))["ref"]
+    await admin.set_route("*", INTENT, p1, (p2,))
+    return p1, p2
+
+
+def _offline(engine, ref: str, tenant: str, events: list[dict]) -> np.ndarray:
+    serving = engine.router.serving
+    loaded = serving.predictors[ref]
+    matrix = build_matrix(events, loaded.feature_names)
+    return loaded.score(matrix, serving.mapping_for(ref, tenant))
+
+
+async def test_engine_scores_through_the_star_route(
+    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    async with open_engine(tmp_path / "reg", seed=1) as engine:
+        p1, _ = await _setup(engine, xgb_bytes, lgb_bytes)
+        batch = events[:50]
+        results = await engine.score("bank-03", INTENT, batch)
+
+        assert [r["id"] for r in results] == [e["id"] for e in batch]
+        assert {r["predictor"] for r in results} == {p1}
+        assert {r["mapping"] for r in results} == {None}
+        expected = _offline(engine, p1, "bank-03", batch)
+        np.testing.assert_array_equal([r["score"] for r in results], expected)
+
+
+async def test_engine_errors_name_the_problem(
+    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    async with open_engine(tmp_path / "reg") as engine:
+        await _setup(engine, xgb_bytes, lgb_bytes)
+        with pytest.raises(NotFound, match="no route for intent 'aml'"):
+            await engine.score("bank-01", "aml", events[:1])
+        bad = [{"id": "tx-1", "features": {**events[0]["features"], "TX_AMOUNT": "12"}}]
+        with pytest.raises(InvalidEvent, match="tx-1.*TX_AMOUNT"):
+            await engine.score("bank-01", INTENT, bad)
+
+
+async def test_shared_model_is_loaded_once(
+    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes
+) -> None:
+    async with open_engine(tmp_path / "reg") as engine:
+        ref = (await engine.admin.put_model("a", xgb_bytes, "xgboost_json"))["ref"]
+        again = (await engine.admin.put_model("b", xgb_bytes, "xgboost_json"))["ref"]
+        first = (await engine.admin.put_predictor("one", _spec(ref)))["ref"]
+        second = (await engine.admin.put_predictor("two", _spec(again)))["ref"]
+        await engine.admin.set_route("*", INTENT, first, (second,))
+        predictors = engine.router.serving.predictors
+        model_one = predictors[first].models[ref]
+        model_two = predictors[second].models[again]
+        assert model_one is model_two
+
+
+async def test_shadow_fit_promote_and_rollback(
+    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    async with open_engine(tmp_path / "reg", seed=3) as engine:
+        p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
+        with pytest.raises(MappingFitError):
+            await engine.admin.fit_mapping(p2, source="shadow", min_sample=1000)
+        for start in range(0, 4000, 200):
+            chunk = events[start : start + 200]
+            await engine.score(chunk[0]["tenant"], INTENT, chunk)
+        await trio.sleep(0.1)  # let the shadow scorer catch up
+        assert len(engine.calibrator.sample(p2, "*", "shadow")) == 4000
+
+        with pytest.raises(Exception, match="no fitted mapping"):
+            await engine.admin.promote("*", INTENT, p2)
+        mapping = await engine.admin.fit_mapping(p2, source="shadow", min_sample=1000)
+        await engine.admin.promote("*", INTENT, p2)
+
+        results = await engine.score("bank-05", INTENT, events[4000:4100])
+        assert {r["predictor"] for r in results} == {p2}
+        assert {r["mapping"] for r in results} == {mapping["id"]}
+        expected = _offline(engine, p2, "bank-05", events[4000:4100])
+        np.testing.assert_array_equal([r["score"] for r in results], expected)
+
+        await engine.admin.rollback("*", INTENT)
+        results = await engine.score("bank-05", INTENT, events[:3])
+        assert {r["predictor"] for r in results} == {p1}
+
+
+async def test_overload_sheds_instead_of_queueing(
+    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    answered = shed = 0
+    async with open_engine(tmp_path / "reg", live_queue=2) as engine:
+        await _setup(engine, xgb_bytes, lgb_bytes)
+
+        async def one(i: int) -> None:
+            nonlocal answered, shed
+            try:
+                await engine.score("bank-01", INTENT, events[i : i + 1])
+                answered += 1
+            except Overloaded:
+                shed += 1
+
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(one, i)
+    assert answered + shed == 200
+    assert shed > 0
+    assert answered > 0
+
+
+async def test_restart_keeps_routes_mappings_and_samples(
+    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    registry = tmp_path / "reg"
+    async with open_engine(registry, seed=5) as engine:
+        p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
+        await engine.score("bank-02", INTENT, events[:2000])
+        await trio.sleep(0.1)
+        await engine.admin.fit_mapping(p2, min_sample=1000)
+        await engine.admin.promote("*", INTENT, p2)
+        before = await engine.score("bank-02", INTENT, events[2000:2010])
+        table = engine.router.serving.table.to_dict()
+
+    async with open_engine(registry) as engine:
+        assert engine.router.serving.table.to_dict() == table
+        after = await engine.score("bank-02", INTENT, events[2000:2010])
+        assert after == before
+        assert len(engine.calibrator.sample(p2, "*", "shadow")) == 2000
+        assert len(engine.calibrator.sample(p1, "bank-02", "live")) == 2000
