@@ -5,23 +5,31 @@ It owns what turns model outputs into served scores and what remembers them:
 - applies each predictor's transformation (the DAG's combiners, posterior
   correction per model, then the quantile mapping the job was resolved with);
 - keeps a bounded, uniform sample (a reservoir) of pre-mapping scores per
-  (predictor version, tenant, source), where source is ``live`` or ``shadow``,
-  plus one per (predictor version, ``*``, source) for predictor-wide fits;
-- counts, per (predictor version, tenant), how many served scores reached each
-  edge of the reference curve, so operators can watch the share a fixed
-  threshold sees against its target;
+  (predictor version, tenant, source), where source is ``live`` or
+  ``shadow``, plus one per (predictor version, ``*``, source) for
+  predictor-wide fits;
+- counts, per (predictor version, tenant), how many served scores reached
+  each edge of the reference curve, so operators can watch the share a
+  fixed threshold sees against its target;
 - persists the samples to the registry periodically and when it stops.
 
-Inbox: ``ScoredBatch`` from the scorers.  The scorers own the send side and
-close it when they stop; the calibrator then flushes its samples and returns.
+Work is done per group of jobs, not per job: a scorer batch of a thousand
+single-event requests is transformed with one call per step.  Scores are
+first appended to a pending buffer and folded into the reservoirs and edge
+counters in bulk, because a reservoir update costs the same for one score
+as for thousands.
+
+Inbox: ``ScoredBatch`` from the scorers.  The scorers own the send sides and
+close them when they stop; the calibrator then flushes its samples and
+returns.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,20 +38,30 @@ import trio
 from muse._routes import ANY_TENANT
 from muse._transform import DEFAULT_CURVE
 
-__all__ = ["Calibrator", "ScoredBatch", "Reservoir", "CalibratorStatistics"]
+__all__ = [
+    "Calibrator",
+    "CalibratorStatistics",
+    "EdgeShares",
+    "Reservoir",
+    "ScoredBatch",
+    "ScoredGroup",
+]
 
 log = logging.getLogger("muse.calibration")
 
-# 50,000 scores per (predictor, tenant, source) pins every quantile of the
+# 50,000 scores per (predictor, tenant, source) pin every quantile of the
 # default curve to within about 0.2 percentage points, at 400 kB each.
 SAMPLE_CAPACITY = 50_000
-# Samples are the only state that is not written before it is acknowledged;
-# this bounds what a crash can lose.
+# Samples are the only state not written before it is acknowledged; this
+# bounds what a crash can lose.
 PERSIST_INTERVAL = 60.0
+# Pending scores are folded into reservoirs past this many rows: large
+# enough to amortise the numpy calls, small enough to stay in cache.
+FOLD_ROWS = 16_384
 
 
 class Job(Protocol):
-    """What the calibrator needs of a scoring job (defined by the engine)."""
+    """What the calibrator needs of a scoring job (defined by the scorer)."""
 
     predictor: Any
     tenant: str
@@ -57,16 +75,27 @@ class Job(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class ScoredBatch:
-    """Model outputs for a batch of jobs, in the jobs' order.
+class ScoredGroup:
+    """Model outputs for jobs of one predictor, stacked in job order.
 
     Attributes:
-        jobs: the jobs, live or shadow.
-        outputs: per job, model ref -> positive-class probabilities.
+        predictor: the loaded predictor all jobs use.
+        jobs: the jobs.
+        bounds: job i owns rows ``bounds[i]:bounds[i+1]``.
+        outputs: model ref -> positive-class probabilities of all rows.
     """
 
+    predictor: Any
     jobs: Sequence[Job]
-    outputs: Sequence[dict[str, np.ndarray]]
+    bounds: np.ndarray
+    outputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredBatch:
+    """One scorer batch: a group per predictor."""
+
+    groups: Sequence[ScoredGroup]
 
 
 class Reservoir:
@@ -79,7 +108,7 @@ class Reservoir:
         self._rng = rng
 
     def add(self, scores: np.ndarray) -> None:
-        """Offer a batch; each score is kept with probability capacity/seen."""
+        """Offer scores; each is kept with probability capacity / seen."""
         capacity = len(self._values)
         free = capacity - self._size
         if free > 0:
@@ -89,8 +118,8 @@ class Reservoir:
             self.seen += len(head)
             scores = scores[free:]
         if len(scores):
-            # Position t (0-based) replaces a random slot with probability
-            # capacity/(t+1): draw r in [0, t] and keep it when r < capacity.
+            # The t-th score (0-based) replaces a random slot with
+            # probability capacity/(t+1): draw r in [0, t], keep if r < cap.
             seen = self.seen + np.arange(len(scores))
             draws = (self._rng.random(len(scores)) * (seen + 1)).astype(np.int64)
             keep = draws < capacity
@@ -138,15 +167,27 @@ class _EdgeCounter:
         self.events += len(scores)
 
 
+@dataclass
+class _Pending:
+    """Scores of one (predictor, source) not yet folded into reservoirs."""
+
+    tenants: list[np.ndarray] = field(default_factory=list)
+    premapped: list[np.ndarray] = field(default_factory=list)
+    served: list[np.ndarray] = field(default_factory=list)
+    curve: Any = None
+    rows: int = 0
+
+
 class Calibrator:
     """Applies transformations, samples scores, persists samples.
 
     Args:
         batch_receive: the inbox of ``ScoredBatch`` messages.
-        save_samples: ``(predictor, tenant, source, values) -> None``, called in
-            a worker thread; None keeps samples in memory only.
+        save_samples: ``(predictor, tenant, source, values) -> None``, called
+            in a worker thread; None keeps samples in memory only.
         persist_interval: seconds between sample flushes.
         capacity: reservoir size per (predictor, tenant, source).
+        seed: seeds the reservoirs' draws.
     """
 
     def __init__(
@@ -165,6 +206,9 @@ class Calibrator:
         self._rng = np.random.default_rng(seed)
         self._reservoirs: dict[tuple[str, str, str], Reservoir] = {}
         self._edges: dict[tuple[str, str], _EdgeCounter] = {}
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._tenant_codes: dict[str, int] = {}
+        self._tenant_names: list[str] = []
         self._dirty: set[tuple[str, str, str]] = set()
         self._batches = self._jobs = self._events = 0
 
@@ -175,23 +219,16 @@ class Calibrator:
     ) -> None:
         """Seed a reservoir with samples persisted by an earlier run.
 
-        The count of scores seen before is not kept, so after a restart new
-        scores replace old ones faster than a single long run would.
+        How many scores were seen before is not kept, so after a restart
+        new scores replace old ones faster than in one long run.
         """
         self._reservoir(predictor, tenant, source).add(np.asarray(values, float))
 
     def sample(self, predictor: str, tenant: str, source: str) -> np.ndarray:
         """The current sample for (predictor, tenant or ``*``, source)."""
+        self._fold(predictor, source)
         found = self._reservoirs.get((predictor, tenant, source))
         return found.values() if found is not None else np.empty(0)
-
-    def discard(self, predictor: str, source: str) -> None:
-        """Forget the samples of a predictor and source (e.g. after a refit)."""
-        for key in [
-            k for k in self._reservoirs if k[0] == predictor and k[2] == source
-        ]:
-            del self._reservoirs[key]
-            self._dirty.add(key)
 
     def _reservoir(self, predictor: str, tenant: str, source: str) -> Reservoir:
         key = (predictor, tenant, source)
@@ -200,14 +237,14 @@ class Calibrator:
             found = self._reservoirs[key] = Reservoir(self._capacity, self._rng)
         return found
 
-    def _record(
-        self, predictor: str, tenant: str, source: str, scores: np.ndarray
-    ) -> None:
-        for scope in (tenant, ANY_TENANT):
-            self._reservoir(predictor, scope, source).add(scores)
-            self._dirty.add((predictor, scope, source))
+    def _code(self, tenant: str) -> int:
+        code = self._tenant_codes.get(tenant)
+        if code is None:
+            code = self._tenant_codes[tenant] = len(self._tenant_names)
+            self._tenant_names.append(tenant)
+        return code
 
-    # -- the actor -----------------------------------------------------------
+    # -- the actor -------------------------------------------------------------
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -225,37 +262,90 @@ class Calibrator:
     def handle(self, batch: ScoredBatch) -> None:
         """Finish every job of a batch (also callable directly, for tests)."""
         self._batches += 1
-        for job, outputs in zip(batch.jobs, batch.outputs):
-            if job.cancelled:
-                continue
+        for group in batch.groups:
             try:
-                self._finish(job, outputs)
-            except Exception as exc:  # noqa: BLE001 - the job carries it back
-                # A failing transformation fails its own request, not the actor.
-                job.fail(exc)
+                self._finish_group(group)
+            except Exception as exc:  # noqa: BLE001 - the jobs carry it back
+                # A failing transformation fails its own requests, not the
+                # actor that serves everyone else.
+                log.exception("transformation failed for %s", group.predictor.ref)
+                for job in group.jobs:
+                    job.fail(exc)
 
-    def _finish(self, job: Job, outputs: dict[str, np.ndarray]) -> None:
-        premapped = job.predictor.combine(outputs, None)
-        source = "shadow" if job.shadow else "live"
-        ref = job.predictor.ref
-        self._record(ref, job.tenant, source, premapped)
-        served = premapped if job.mapping is None else job.mapping.apply(premapped)
-        self._jobs += 1
-        self._events += len(served)
-        if not job.shadow:
-            self._count_edges(ref, job.tenant, job.mapping, served)
-        job.finish(served)
+    def _finish_group(self, group: ScoredGroup) -> None:
+        jobs, bounds = group.jobs, group.bounds
+        premapped = group.predictor.combine(dict(group.outputs), None)
+        served = self._map(jobs, bounds, premapped)
+        for index, job in enumerate(jobs):
+            if not job.cancelled:
+                job.finish(served[bounds[index] : bounds[index + 1]])
+        self._jobs += len(jobs)
+        self._events += len(premapped)
+        shadow = jobs[0].shadow
+        codes = np.repeat(
+            np.fromiter((self._code(j.tenant) for j in jobs), np.int64, len(jobs)),
+            np.diff(bounds),
+        )
+        pending = self._pending.get((group.predictor.ref, "shadow" if shadow else "live"))
+        if pending is None:
+            pending = _Pending()
+            self._pending[(group.predictor.ref, "shadow" if shadow else "live")] = pending
+        pending.tenants.append(codes)
+        pending.premapped.append(premapped)
+        if not shadow:
+            pending.served.append(served)
+            if pending.curve is None and jobs[0].mapping is not None:
+                pending.curve = jobs[0].mapping.curve
+        pending.rows += len(premapped)
+        if pending.rows >= FOLD_ROWS:
+            self._fold(group.predictor.ref, "shadow" if shadow else "live")
 
-    def _count_edges(
-        self, ref: str, tenant: str, mapping: Any, served: np.ndarray
-    ) -> None:
-        counter = self._edges.get((ref, tenant))
-        if counter is None:
-            curve = (
-                mapping.curve if mapping is not None else sorted(DEFAULT_CURVE.items())
+    @staticmethod
+    def _map(jobs: Sequence[Job], bounds: np.ndarray, premapped: np.ndarray) -> np.ndarray:
+        first = jobs[0].mapping
+        if all(job.mapping is first for job in jobs):
+            return premapped if first is None else first.apply(premapped)
+        # Tenants with mappings of their own: map each job's slice.
+        served = np.empty_like(premapped)
+        for index, job in enumerate(jobs):
+            part = premapped[bounds[index] : bounds[index + 1]]
+            served[bounds[index] : bounds[index + 1]] = (
+                part if job.mapping is None else job.mapping.apply(part)
             )
-            counter = self._edges[(ref, tenant)] = _EdgeCounter(curve)
+        return served
+
+    def _fold(self, predictor: str, source: str) -> None:
+        pending = self._pending.pop((predictor, source), None)
+        if pending is None or not pending.rows:
+            return
+        codes = np.concatenate(pending.tenants)
+        premapped = np.concatenate(pending.premapped)
+        served = np.concatenate(pending.served) if pending.served else None
+        self._add(predictor, ANY_TENANT, source, premapped)
+        order = np.argsort(codes, kind="stable")
+        cut = np.flatnonzero(np.diff(codes[order])) + 1
+        for part in np.split(order, cut):
+            tenant = self._tenant_names[codes[part[0]]]
+            self._add(predictor, tenant, source, premapped[part])
+            if served is not None:
+                self._count(predictor, tenant, pending.curve, served[part])
+
+    def _add(self, predictor: str, tenant: str, source: str, scores: np.ndarray) -> None:
+        self._reservoir(predictor, tenant, source).add(scores)
+        self._dirty.add((predictor, tenant, source))
+
+    def _count(self, predictor: str, tenant: str, curve: Any, served: np.ndarray) -> None:
+        counter = self._edges.get((predictor, tenant))
+        if counter is None:
+            pairs = curve if curve is not None else sorted(DEFAULT_CURVE.items())
+            counter = self._edges[(predictor, tenant)] = _EdgeCounter(pairs)
         counter.add(served)
+
+    def _fold_all(self) -> None:
+        for predictor, source in list(self._pending):
+            self._fold(predictor, source)
+
+    # -- persistence -------------------------------------------------------------
 
     async def _persist_periodically(self) -> None:
         while True:
@@ -264,18 +354,11 @@ class Calibrator:
 
     async def persist(self) -> None:
         """Write every changed sample to the registry (in a worker thread)."""
+        self._fold_all()
         if self._save is None or not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()
-        snapshot = [
-            (
-                key,
-                self._reservoirs[key].values()
-                if key in self._reservoirs
-                else np.empty(0),
-            )
-            for key in sorted(dirty)
-        ]
+        snapshot = [(key, self._reservoirs[key].values()) for key in sorted(dirty)]
         save = self._save
 
         def write() -> None:
@@ -291,6 +374,7 @@ class Calibrator:
             log.debug("persisted %d calibration samples", len(snapshot))
 
     def statistics(self) -> CalibratorStatistics:
+        self._fold_all()
         shares = tuple(
             EdgeShares(
                 ref,

@@ -30,6 +30,7 @@ import trio
 
 from muse._calibrator import Calibrator, ScoredBatch
 from muse._admin import Admin
+from muse._deadlines import DeadlineWatch
 from muse._errors import DeadlineExceeded, InternalError, MuseError, Overloaded
 from muse._keys import Principal
 from muse._quota import QuotaPolicy, Quotas
@@ -117,6 +118,7 @@ class Engine:
             seed=options.seed,
         )
         self.router = Router(Serving(), change_receive, self._publish_routes)
+        self.deadlines = DeadlineWatch()
         self.admin = Admin(registry, self.router, self.calibrator, self._apply)
         self._requests = self._events = self._overloaded = 0
         self._deadlines = self._aborted = self._shadow_jobs = self._shadow_dropped = 0
@@ -182,26 +184,23 @@ class Engine:
         ]
 
     async def _wait(self, job: Job, deadline_ms: float | None) -> None:
-        budget = (deadline_ms or self.options.deadline_ms) / 1000.0
+        job.budget_ms = deadline_ms or self.options.deadline_ms
+        self.deadlines.watch(trio.current_time() + job.budget_ms / 1000.0, job)
         try:
-            with trio.move_on_after(budget):
-                await job.wait_done()
+            await job.wait_done()
         finally:
-            # Cancelled from outside (the client went away) or timed out: the
-            # scorer skips the job if it has not started it yet.
+            # Cancelled from outside (the client went away): the scorer
+            # skips the job if it has not started it yet.
             if job.scores is None and job.error is None:
                 job.cancelled = True
                 self._aborted += 1
         if job.error is not None:
+            if isinstance(job.error, DeadlineExceeded):
+                self._deadlines += 1
+                raise job.error
             if isinstance(job.error, MuseError):
                 raise job.error
             raise InternalError(f"scoring failed: {job.error!r}") from job.error
-        if job.scores is None:
-            self._aborted -= 1
-            self._deadlines += 1
-            raise DeadlineExceeded(
-                f"no answer within the deadline of {budget * 1000:g} ms"
-            )
 
     def _queue_shadows(
         self,
@@ -317,20 +316,25 @@ async def open_engine(
         registry = Registry(Path(registry))
     engine = Engine(registry, EngineOptions(**options))
     await engine.admin.load()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.calibrator.run)
-        await nursery.start(engine.live_scorer.run)
-        await nursery.start(engine.shadow_scorer.run)
-        await nursery.start(engine.router.run)
-        log.info(
-            "engine started on %s: %d predictors loaded, %d routes",
-            registry.path,
-            len(engine.router.serving.predictors),
-            len(engine.router.serving.table.routes),
-        )
-        try:
-            yield engine
-        finally:
-            with trio.CancelScope(shield=True):
-                await engine._close()
+    async with trio.open_nursery() as outer:
+        # The deadline watch outlives the actors: jobs still queued at
+        # shutdown can expire while the scorers drain.
+        outer.start_soon(engine.deadlines.run)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.calibrator.run)
+            await nursery.start(engine.live_scorer.run)
+            await nursery.start(engine.shadow_scorer.run)
+            await nursery.start(engine.router.run)
+            log.info(
+                "engine started on %s: %d predictors loaded, %d routes",
+                registry.path,
+                len(engine.router.serving.predictors),
+                len(engine.router.serving.table.routes),
+            )
+            try:
+                yield engine
+            finally:
+                with trio.CancelScope(shield=True):
+                    await engine._close()
+        outer.cancel_scope.cancel()
     log.info("engine stopped")

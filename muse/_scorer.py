@@ -22,14 +22,14 @@ scorer then closes its calibrator channel and returns.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import trio
 
-from muse._calibrator import ScoredBatch
+from muse._deadlines import deadline_error
+from muse._calibrator import ScoredBatch, ScoredGroup
 
 __all__ = ["Job", "Scorer", "ScorerStatistics"]
 
@@ -51,6 +51,7 @@ class Job:
 
     __slots__ = (
         "predictor",
+        "budget_ms",
         "tenant",
         "mapping",
         "matrix",
@@ -78,6 +79,7 @@ class Job:
         self.cancelled = False
         self.scores: np.ndarray | None = None
         self.error: BaseException | None = None
+        self.budget_ms = 0.0
         self._done = trio.Event()
 
     def finish(self, scores: np.ndarray) -> None:
@@ -87,6 +89,14 @@ class Job:
     def fail(self, error: BaseException) -> None:
         self.error = error
         self._done.set()
+
+    def expire(self) -> bool:
+        """Fail the job for its deadline; False when it was already done."""
+        if self._done.is_set():
+            return False
+        self.cancelled = True
+        self.fail(deadline_error(self.budget_ms))
+        return True
 
     async def wait_done(self) -> None:
         await self._done.wait()
@@ -190,31 +200,29 @@ class Scorer:
             for job in batch:
                 job.fail(exc)
             return
-        await self._outbox.send(ScoredBatch(batch, outputs))
+        await self._outbox.send(ScoredBatch(outputs))
 
-    def _predict(self, batch: list[Job]) -> list[dict[str, np.ndarray]]:
-        # Group every (job, model) pair by model so each model runs once.
-        groups: dict[int, list[tuple[int, str, np.ndarray]]] = defaultdict(list)
-        models: dict[int, Any] = {}
-        for index, job in enumerate(batch):
-            for ref, model, columns in job.predictor.plan:
-                rows = job.matrix if columns is None else job.matrix[:, columns]
-                groups[id(model)].append((index, ref, rows))
-                models[id(model)] = model
-        outputs: list[dict[str, np.ndarray]] = [{} for _ in batch]
-        for key, parts in groups.items():
-            self._calls += 1
-            stacked = (
-                parts[0][2]
-                if len(parts) == 1
-                else np.concatenate([p[2] for p in parts])
-            )
-            predicted = models[key].predict(np.ascontiguousarray(stacked))
-            start = 0
-            for index, ref, rows in parts:
-                outputs[index][ref] = predicted[start : start + len(rows)]
-                start += len(rows)
-        return outputs
+    def _predict(self, batch: list[Job]) -> list[ScoredGroup]:
+        # Jobs of one predictor are stacked into one matrix, so each of its
+        # models runs once for the whole group, whatever the job sizes.
+        by_predictor: dict[int, list[Job]] = {}
+        for job in batch:
+            by_predictor.setdefault(id(job.predictor), []).append(job)
+        groups = []
+        for jobs in by_predictor.values():
+            if len(jobs) == 1:
+                stacked = jobs[0].matrix
+            else:
+                stacked = np.concatenate([job.matrix for job in jobs])
+            bounds = np.zeros(len(jobs) + 1, dtype=np.intp)
+            np.cumsum([len(job.matrix) for job in jobs], out=bounds[1:])
+            outputs = {}
+            for ref, model, columns in jobs[0].predictor.plan:
+                self._calls += 1
+                rows = stacked if columns is None else stacked[:, columns]
+                outputs[ref] = model.predict(np.ascontiguousarray(rows))
+            groups.append(ScoredGroup(jobs[0].predictor, jobs, bounds, outputs))
+        return groups
 
     def statistics(self) -> ScorerStatistics:
         return ScorerStatistics(
