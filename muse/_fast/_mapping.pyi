@@ -1,0 +1,33 @@
+"""Type stub for the compiled score kernels (``_mapping.pyx``).
+
+``_reference.py`` has the same API in pure numpy; see its docstrings.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+class MappingTable:
+    """A piecewise-linear map through (0, 0), (knot, edge)..., (1, 1)."""
+
+    @property
+    def knots(self) -> tuple[float, ...]: ...
+    @property
+    def edges(self) -> tuple[float, ...]: ...
+    def __init__(self, knots: Sequence[float], edges: Sequence[float]) -> None: ...
+    def __reduce__(self) -> tuple[Any, ...]: ...
+    def apply(
+        self, scores: ArrayLike, out: NDArray[np.float64] | None = None
+    ) -> NDArray[np.float64]: ...
+    def apply_into(self, scores: Any, out: Any) -> int: ...
+
+def correct_posterior(
+    scores: ArrayLike, beta: float, out: NDArray[np.float64] | None = None
+) -> NDArray[np.float64]: ...
+def correct_posterior_into(scores: Any, beta: float, out: Any) -> int: ...
+def correct_margin(
+    margins: ArrayLike, beta: float, out: NDArray[np.float64] | None = None
+) -> NDArray[np.float64]: ...
+def correct_margin_into(margins: Any, beta: float, out: Any) -> int: ...
