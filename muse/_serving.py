@@ -35,6 +35,11 @@ class LoadedPredictor:
     predictor: Any
     models: Mapping[str, Any]
     plan: tuple[tuple[str, Any, np.ndarray | None], ...] = field(init=False)
+    # Read on every request: computed once here rather than per call.
+    ref: str = field(init=False)
+    feature_names: tuple[str, ...] = field(init=False)
+    allow_missing: bool = field(init=False)
+    allow_infinity: bool = field(init=False)
 
     def __post_init__(self) -> None:
         names = list(self.predictor.feature_names)
@@ -48,23 +53,18 @@ class LoadedPredictor:
                 else np.array([names.index(f) for f in wanted], dtype=np.intp)
             )
             plan.append((ref, model, columns))
+        models = self.models.values()
         object.__setattr__(self, "plan", tuple(plan))
-
-    @property
-    def ref(self) -> str:
-        return str(self.predictor.ref)
-
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return tuple(self.predictor.feature_names)
-
-    @property
-    def allow_missing(self) -> bool:
-        return all(getattr(m, "allows_missing", True) for m in self.models.values())
-
-    @property
-    def allow_infinity(self) -> bool:
-        return all(getattr(m, "allows_infinity", False) for m in self.models.values())
+        object.__setattr__(self, "ref", str(self.predictor.ref))
+        object.__setattr__(self, "feature_names", tuple(names))
+        object.__setattr__(
+            self, "allow_missing", all(getattr(m, "allows_missing", True) for m in models)
+        )
+        object.__setattr__(
+            self,
+            "allow_infinity",
+            all(getattr(m, "allows_infinity", False) for m in models),
+        )
 
     def combine(self, outputs: dict[str, np.ndarray], mapping: Any) -> np.ndarray:
         return self.predictor.combine(outputs, mapping)  # type: ignore[no-any-return]
