@@ -86,3 +86,18 @@ def events(synthetic: dict) -> list[dict]:
         features = {f: float(col[i]) for f, col in zip(FEATURES, columns)}
         out.append({"id": int(tx), "tenant": tenant_of(customer), "features": features})
     return out
+
+
+@pytest.fixture(scope="session")
+def compiled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compile cache for the whole run: the same model bytes compile once."""
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.fixture
+def registry_path(tmp_path: Path, compiled_cache: Path) -> Path:
+    """A fresh registry directory whose compiled-library cache is shared."""
+    path = tmp_path / "reg"
+    path.mkdir()
+    (path / "compiled").symlink_to(compiled_cache, target_is_directory=True)
+    return path

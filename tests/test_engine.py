@@ -45,9 +45,9 @@ def _offline(engine, ref: str, tenant: str, events: list[dict]) -> np.ndarray:
 
 
 async def test_engine_scores_through_the_star_route(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    async with open_engine(tmp_path / "reg", seed=1) as engine:
+    async with open_engine(registry_path, deadline_ms=5000, seed=1) as engine:
         p1, _ = await _setup(engine, xgb_bytes, lgb_bytes)
         batch = events[:50]
         results = await engine.score("bank-03", INTENT, batch)
@@ -60,9 +60,9 @@ async def test_engine_scores_through_the_star_route(
 
 
 async def test_engine_errors_name_the_problem(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    async with open_engine(tmp_path / "reg") as engine:
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
         await _setup(engine, xgb_bytes, lgb_bytes)
         with pytest.raises(NotFound, match="no route for intent 'aml'"):
             await engine.score("bank-01", "aml", events[:1])
@@ -72,9 +72,9 @@ async def test_engine_errors_name_the_problem(
 
 
 async def test_shared_model_is_loaded_once(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes
 ) -> None:
-    async with open_engine(tmp_path / "reg") as engine:
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
         ref = (await engine.admin.put_model("a", xgb_bytes, "xgboost_json"))["ref"]
         again = (await engine.admin.put_model("b", xgb_bytes, "xgboost_json"))["ref"]
         first = (await engine.admin.put_predictor("one", _spec(ref)))["ref"]
@@ -87,9 +87,9 @@ async def test_shared_model_is_loaded_once(
 
 
 async def test_shadow_fit_promote_and_rollback(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    async with open_engine(tmp_path / "reg", seed=3) as engine:
+    async with open_engine(registry_path, deadline_ms=5000, seed=3) as engine:
         p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
         with pytest.raises(MappingFitError):
             await engine.admin.fit_mapping(p2, source="shadow", min_sample=1000)
@@ -116,10 +116,10 @@ async def test_shadow_fit_promote_and_rollback(
 
 
 async def test_overload_sheds_instead_of_queueing(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
     answered = shed = 0
-    async with open_engine(tmp_path / "reg", live_queue=2) as engine:
+    async with open_engine(registry_path, live_queue=2, deadline_ms=5000) as engine:
         await _setup(engine, xgb_bytes, lgb_bytes)
 
         async def one(i: int) -> None:
@@ -139,10 +139,10 @@ async def test_overload_sheds_instead_of_queueing(
 
 
 async def test_restart_keeps_routes_mappings_and_samples(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    registry = tmp_path / "reg"
-    async with open_engine(registry, seed=5) as engine:
+    registry = registry_path
+    async with open_engine(registry, deadline_ms=5000, seed=5) as engine:
         p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
         await engine.score("bank-02", INTENT, events[:2000])
         await trio.sleep(0.1)
@@ -151,7 +151,7 @@ async def test_restart_keeps_routes_mappings_and_samples(
         before = await engine.score("bank-02", INTENT, events[2000:2010])
         table = engine.router.serving.table.to_dict()
 
-    async with open_engine(registry) as engine:
+    async with open_engine(registry, deadline_ms=5000) as engine:
         assert engine.router.serving.table.to_dict() == table
         after = await engine.score("bank-02", INTENT, events[2000:2010])
         assert after == before

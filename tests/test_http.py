@@ -28,6 +28,9 @@ async def running(
     registry: Path, **engine_options: Any
 ) -> AsyncIterator[tuple[str, Any]]:
     """Serve ``registry`` on a free loopback port for the block's duration."""
+    # These tests check answers, not latency: a generous deadline keeps a
+    # busy CI machine from turning a slow answer into a 504.
+    engine_options.setdefault("deadline_ms", 5000)
     shutdown = trio.Event()
     started = trio.Event()
     found: dict[str, Any] = {}
@@ -86,9 +89,9 @@ def _offline(engine: Any, ref: str, tenant: str, events: list[dict]) -> np.ndarr
 
 
 async def test_score_over_http_matches_offline_scores(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    registry = tmp_path / "reg"
+    registry = registry_path
     async with running(registry) as (url, engine):
         setup = await _deploy(url, registry, xgb_bytes, lgb_bytes)
         batch = [{"id": e["id"], "features": e["features"]} for e in events[:64]]
@@ -115,9 +118,9 @@ async def test_score_over_http_matches_offline_scores(
 
 
 async def test_tenant_comes_from_the_key_not_the_body(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    registry = tmp_path / "reg"
+    registry = registry_path
     async with running(registry) as (url, engine):
         setup = await _deploy(url, registry, xgb_bytes, lgb_bytes)
         async with AsyncClient(url, setup["admin"]) as admin:
@@ -144,9 +147,9 @@ async def _status(
 
 
 async def test_every_error_status_has_a_msgpack_body(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    registry = tmp_path / "reg"
+    registry = registry_path
     async with running(registry, max_events=100) as (url, engine):
         setup = await _deploy(url, registry, xgb_bytes, lgb_bytes)
         tenant = {"authorization": f"Bearer {setup['keys']['bank-01']}", **MSGPACK}
@@ -287,9 +290,9 @@ async def test_every_error_status_has_a_msgpack_body(
 
 
 async def test_invalid_event_names_event_and_feature(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    registry = tmp_path / "reg"
+    registry = registry_path
     async with running(registry) as (url, engine):
         setup = await _deploy(url, registry, xgb_bytes, lgb_bytes)
         bad = {**events[0]["features"], "TX_AMOUNT": "57.16"}
@@ -300,9 +303,9 @@ async def test_invalid_event_names_event_and_feature(
 
 
 async def test_promotion_under_load_loses_nothing_and_never_mixes_versions(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    registry = tmp_path / "reg"
+    registry = registry_path
     async with running(registry, seed=11) as (url, engine):
         setup = await _deploy(url, registry, xgb_bytes, lgb_bytes)
         p1, p2 = setup["p1"], setup["p2"]
@@ -353,9 +356,9 @@ async def test_promotion_under_load_loses_nothing_and_never_mixes_versions(
 
 
 async def test_health_readiness_and_metrics(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    registry = tmp_path / "reg"
+    registry = registry_path
     async with running(registry) as (url, engine):
         setup = await _deploy(url, registry, xgb_bytes, lgb_bytes)
         async with AsyncClient(url, setup["keys"]["bank-02"]) as client:
@@ -371,9 +374,9 @@ async def test_health_readiness_and_metrics(
 
 
 async def test_restart_comes_back_with_the_same_routes(
-    tmp_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
-    registry = tmp_path / "reg"
+    registry = registry_path
     async with running(registry) as (url, engine):
         setup = await _deploy(url, registry, xgb_bytes, lgb_bytes)
         async with AsyncClient(url, setup["keys"]["bank-01"]) as client:
