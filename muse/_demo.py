@@ -114,12 +114,14 @@ class DemoOutcome:
         refs: predictor ref of "v1" and "v2".
         last_served: the predictor ref that answered the replay's last request.
         report: path of the written report.
+        events_planned: events the replay set out to send.
     """
 
     results: DemoResults
     refs: dict[str, str]
     last_served: str
     report: Path
+    events_planned: int
 
 
 async def run_demo(settings: DemoSettings) -> DemoOutcome:
@@ -143,7 +145,8 @@ async def run_demo(settings: DemoSettings) -> DemoOutcome:
                            registry / "compiled")
     report = write_report(settings.out, results)
     last = int(replay.versions[timeline.after[-1]])
-    return DemoOutcome(results, dict(story.refs), replay.refs[last], report)
+    planned = len(timeline.warmup) + len(timeline.measured)
+    return DemoOutcome(results, dict(story.refs), replay.refs[last], report, planned)
 
 
 class _Timeline:
