@@ -6,8 +6,9 @@ msgpack clients replaying transactions concurrently:
 1. 24 tenants and one intent, ``card-fraud``, routed through ``*`` to one
    shared predictor.
 2. v1 (XGBoost, shallow, first month, genuine rows undersampled to beta about
-   0.05) goes live at the start of the second month; after its first week
-   of live traffic its mapping is fitted on its own scores.
+   0.05) goes live a week into the second month, once the rolling-window
+   features are complete; after its first week of live traffic its mapping
+   is fitted on its own scores.
 3. The rest of the second month and the first days of the third are
    replayed live.
 4. v2 (LightGBM, deeper, first two months, beta about 0.5) is uploaded and
@@ -55,9 +56,11 @@ TENANTS = tuple(f"bank-{i:02d}" for i in range(24))
 # have been served by v1, then shadows for a week before its mapping is fit.
 V2_UPLOAD_DAY = 3
 SHADOW_DAYS = 7
+# The features count over windows of up to 30 days that end a week before
+# the event, so they are complete only from day 37 on: the first days of the
+# second month are not replayed, and v1 goes live after them.
+BURN_IN_DAYS = 7
 # v1 serves unmapped for its first week; its mapping is fitted on that week.
-# (The first month's own scores are a poor sample: its rolling-window
-# features are still filling up, so scores there run lower than later.)
 WARMUP_DAYS = 7
 # Targets the issue sets on the real data.
 TARGET_OVERALL = 0.03
@@ -160,9 +163,12 @@ class _Timeline:
         second = int(days[months == 1].min())
         third = int(days[months == 2].min())
         self.weeks = weeks_of(rows)
-        self.warmup = np.flatnonzero((months == 1) & (days < second + WARMUP_DAYS))
+        live_from = second + BURN_IN_DAYS
+        self.warmup = np.flatnonzero(
+            (months == 1) & (days >= live_from) & (days < live_from + WARMUP_DAYS)
+        )
         self.live = np.flatnonzero(
-            ((months == 1) & (days >= second + WARMUP_DAYS))
+            ((months == 1) & (days >= live_from + WARMUP_DAYS))
             | ((months == 2) & (days < third + V2_UPLOAD_DAY))
         )
         shadow_end = third + V2_UPLOAD_DAY + SHADOW_DAYS
