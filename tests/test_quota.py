@@ -11,7 +11,9 @@ from muse._quota import QuotaPolicy, Quotas
 def test_burst_then_refill_at_rate() -> None:
     quotas = Quotas({"bank-01": QuotaPolicy(rate=100, burst=10)})
     quotas.take("bank-01", 10, now=0.0)
-    with pytest.raises(TooManyRequests, match="over its quota of 100 events/s") as caught:
+    with pytest.raises(
+        TooManyRequests, match="over its quota of 100 events/s"
+    ) as caught:
         quotas.take("bank-01", 1, now=0.0)
     assert caught.value.retry_after == pytest.approx(0.01)
     quotas.take("bank-01", 5, now=0.05)  # 50 ms refilled 5 tokens

@@ -61,7 +61,11 @@ def test_check_version_conflict() -> None:
 
 
 def test_mapping_resolution_falls_back_to_predictor_wide() -> None:
-    table = _table().with_mapping("p@1", "*", "m-global").with_mapping("p@1", "bank-02", "m-2")
+    table = (
+        _table()
+        .with_mapping("p@1", "*", "m-global")
+        .with_mapping("p@1", "bank-02", "m-2")
+    )
     assert table.mapping_id("p@1", "bank-02") == "m-2"
     assert table.mapping_id("p@1", "bank-03") == "m-global"
     assert table.mapping_id("p@2", "bank-03") is None
