@@ -29,6 +29,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from muse._synthetic import FEATURES
+
 __all__ = [
     "FEATURES",
     "LABEL",
@@ -47,25 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("muse.training")
-
-#: The 15 model features, in the order the data README lists them.
-FEATURES: tuple[str, ...] = (
-    "TX_AMOUNT",
-    "TX_DURING_WEEKEND",
-    "TX_DURING_NIGHT",
-    "CUSTOMER_ID_NB_TX_1DAY_WINDOW",
-    "CUSTOMER_ID_NB_TX_7DAY_WINDOW",
-    "CUSTOMER_ID_NB_TX_30DAY_WINDOW",
-    "CUSTOMER_ID_AVG_AMOUNT_1DAY_WINDOW",
-    "CUSTOMER_ID_AVG_AMOUNT_7DAY_WINDOW",
-    "CUSTOMER_ID_AVG_AMOUNT_30DAY_WINDOW",
-    "TERMINAL_ID_NB_TX_1DAY_WINDOW",
-    "TERMINAL_ID_NB_TX_7DAY_WINDOW",
-    "TERMINAL_ID_NB_TX_30DAY_WINDOW",
-    "TERMINAL_ID_RISK_1DAY_WINDOW",
-    "TERMINAL_ID_RISK_7DAY_WINDOW",
-    "TERMINAL_ID_RISK_30DAY_WINDOW",
-)
 
 #: The label column: 1 for fraud, 0 for genuine.
 LABEL = "TX_FRAUD"
