@@ -120,6 +120,15 @@ class Model:
     _golden: Golden = field(repr=False)
 
     @property
+    def allows_infinity(self) -> bool:
+        """Whether the native library scores infinite inputs.
+
+        LightGBM compares them like any number; XGBoost's DMatrix and
+        scikit-learn's input checks refuse them, so MUSE refuses them too.
+        """
+        return self.format == "lightgbm"
+
+    @property
     def num_features(self) -> int:
         """Number of input columns."""
         return len(self.feature_names)

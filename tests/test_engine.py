@@ -157,3 +157,21 @@ async def test_restart_keeps_routes_mappings_and_samples(
         assert after == before
         assert len(engine.calibrator.sample(p2, "*", "shadow")) == 2000
         assert len(engine.calibrator.sample(p1, "bank-02", "live")) == 2000
+
+
+async def test_infinity_follows_each_library(
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    features = {**events[0]["features"], "TX_AMOUNT": float("inf")}
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
+        admin = engine.admin
+        xgb_ref = (await admin.put_model("x", xgb_bytes, "xgboost_json"))["ref"]
+        lgb_ref = (await admin.put_model("l", lgb_bytes, "lightgbm"))["ref"]
+        px = (await admin.put_predictor("px", _spec(xgb_ref)))["ref"]
+        pl = (await admin.put_predictor("pl", _spec(lgb_ref)))["ref"]
+        await admin.set_route("*", "xgb", px)
+        await admin.set_route("*", "lgb", pl)
+        with pytest.raises(InvalidEvent, match="TX_AMOUNT.*infinity"):
+            await engine.score("bank-01", "xgb", [{"id": 1, "features": features}])
+        results = await engine.score("bank-01", "lgb", [{"id": 1, "features": features}])
+        assert 0.0 <= results[0]["score"] <= 1.0
