@@ -9,19 +9,31 @@ body limit.  ``/healthz``, ``/readyz`` and ``/metrics`` are answered here too.
 Errors never escape as a 500 for anything a client sent: every ``MuseError``
 becomes its status and a ``{"error", "detail"}`` body in the request's own
 media type; anything else is our bug, logged, and answered 500.
+
+Bodies are counted as they arrive, chunked or not, and refused at the first
+byte over the route's limit (or at once, from a declared Content-Length).  A
+request framed both by Content-Length and Transfer-Encoding is refused and
+its connection closed, so no byte after it can be read as another request.
+An answer given before the body was read to its end is sent while the rest
+of the body is read and dropped: hypercorn queues at most ten unread chunks
+and then blocks its reader, which would wedge the connection, and leak its
+descriptor, once the answer tries to queue ``http.disconnect`` behind them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
 
 from muse._admin_http import build_admin_app
 from muse._errors import (
     BadRequest,
+    ClientError,
     InternalError,
     MuseError,
     Overloaded,
@@ -31,6 +43,7 @@ from muse._errors import (
 from muse._metrics import CONTENT_TYPE as METRICS_TYPE
 from muse._metrics import Metrics
 from muse._wire import (
+    JSON,
     MSGPACK,
     decode_body,
     encode_body,
@@ -48,54 +61,103 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class HttpLimits:
-    """Body limits by route, in bytes.
+    """Body limits by route: bytes, and seconds for the body to arrive.
 
     Args:
         score_body: most bytes in a ``/v1/score`` body.  4096 events of 15
             features is about 1.3 MB in msgpack.
         admin_body: most bytes in an admin body (model uploads).
+        score_body_timeout: seconds a ``/v1/score`` body may take to arrive,
+            from the first read; 4 MB in 10 s is 400 kB/s.
+        admin_body_timeout: the same for admin bodies; uploads are large.
     """
 
-    def __init__(self, score_body: int = 4 << 20, admin_body: int = 256 << 20) -> None:
+    def __init__(
+        self,
+        score_body: int = 4 << 20,
+        admin_body: int = 256 << 20,
+        score_body_timeout: float = 10.0,
+        admin_body_timeout: float = 300.0,
+    ) -> None:
         self.score_body = score_body
         self.admin_body = admin_body
+        self.score_body_timeout = score_body_timeout
+        self.admin_body_timeout = admin_body_timeout
 
 
 class _ClientGone(Exception):
     """The client disconnected before its body arrived."""
 
 
-def build_app(engine: Any, limits: HttpLimits | None = None) -> Callable[..., Any]:
+class _BodyTimeout(ClientError):
+    """The body did not arrive in time.
+
+    Kept here rather than in ``_errors``: only the HTTP layer reads bodies.
+    """
+
+    status = 408
+    code = "request_timeout"
+
+
+class _Framing(BadRequest):
+    """The request's framing is ambiguous; its connection must close."""
+
+
+# Answers after which the connection must not carry another request.
+_CLOSE = [(b"connection", b"close")]
+
+
+def build_app(
+    engine: Any,
+    limits: HttpLimits | None = None,
+    *,
+    max_score_requests: int = 256,
+) -> Callable[..., Any]:
     """The ASGI callable serving ``engine``.
 
     Args:
         engine: a running engine (from ``open_engine``).
         limits: body limits; defaults as in ``HttpLimits``.
+        max_score_requests: scoring requests admitted at once (reading,
+            decoding or waiting on the engine); more are answered 503 at
+            once.  The engine sheds load when its queue fills, but decoding
+            happens before that queue, on the event loop: with small models
+            decoding is the bottleneck, and without this cap excess requests
+            would wait, ever longer, instead of being turned away.
     """
     limits = limits or HttpLimits()
     metrics = Metrics(engine)
     admin = build_admin_app(engine, limits.admin_body)
+    admission = _Admission(max_score_requests)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
             started = time.perf_counter()
-            if path == "/v1/score":
-                status = await _score(engine, scope, receive, send, limits.score_body)
-            elif path in _PROBES:
-                status = await _PROBES[path](engine, metrics, scope, send)
-            else:
-                limit = limits.admin_body
-                status = await _admin(
-                    admin, scope, _limited(receive, limit), send, limit
+            status = 499  # unless an answer is given: the client went away
+            try:
+                headers = _headers(scope)
+                problem = _framing_problem(headers)
+                if problem is not None:
+                    status = await _refuse(problem, headers, receive, send, limits)
+                elif path == "/v1/score":
+                    status = await _score(
+                        engine, scope, headers, receive, send, limits, admission
+                    )
+                elif path in _PROBES:
+                    if _has_body(headers):
+                        send = _draining(send, receive)
+                    status = await _PROBES[path](engine, metrics, scope, send)
+                else:
+                    path = "admin"
+                    status = await _admin(admin, scope, headers, receive, send, limits)
+            finally:
+                metrics.observe(
+                    path if path in _ROUTES else "other",
+                    status,
+                    time.perf_counter() - started,
                 )
-                path = "admin"
-            metrics.observe(
-                path if path in _ROUTES else "other",
-                status,
-                time.perf_counter() - started,
-            )
         elif kind == "lifespan":
             await _lifespan(receive, send)
 
@@ -106,11 +168,56 @@ def build_app(engine: Any, limits: HttpLimits | None = None) -> Callable[..., An
 _ROUTES = frozenset({"/v1/score", "/healthz", "/readyz", "/metrics", "admin"})
 
 
+class _Admission:
+    """Counts scoring requests in progress against a cap."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_progress = 0
+        self.refused = 0
+
+    def enter(self) -> bool:
+        if self.in_progress >= self.capacity:
+            self.refused += 1
+            return False
+        self.in_progress += 1
+        return True
+
+    def leave(self) -> None:
+        self.in_progress -= 1
+
+
 async def _score(
-    engine: Any, scope: Scope, receive: Receive, send: Send, limit: int
+    engine: Any,
+    scope: Scope,
+    headers: dict[bytes, list[bytes]],
+    receive: Receive,
+    send: Send,
+    limits: HttpLimits,
+    admission: _Admission,
 ) -> int:
-    headers = _headers(scope)
+    if not admission.enter():
+        busy = Overloaded(
+            f"{admission.capacity} scoring requests are in progress; retry shortly"
+        )
+        return await _error(send, busy, _reply_kind(headers), receive)
+    try:
+        return await _score_admitted(engine, scope, headers, receive, send, limits)
+    finally:
+        admission.leave()
+
+
+async def _score_admitted(
+    engine: Any,
+    scope: Scope,
+    headers: dict[bytes, list[bytes]],
+    receive: Receive,
+    send: Send,
+    limits: HttpLimits,
+) -> int:
     kind = MSGPACK
+    # Until the body is read to its end, an answer must drain the rest.
+    unread: Receive | None = receive
     try:
         if scope["method"] != "POST":
             return await _respond(
@@ -118,13 +225,17 @@ async def _score(
                 405,
                 {"error": "method_not_allowed", "detail": "use POST /v1/score"},
                 kind,
+                drain=unread,
             )
         kind = media_type(_single(headers, b"content-type"))
         principal = engine.authenticate(_single(headers, b"authorization"))
+        limit = limits.score_body
         _check_declared_length(headers, limit)
-        body = await _read_body(receive, limit)
+        body = await _read_body(receive, limit, limits.score_body_timeout)
+        unread = None
+        max_events = engine.options.max_events
         request = parse_score_request(
-            decode_body(body, kind), max_events=engine.options.max_events
+            decode_body(body, kind, max_events=max_events), max_events=max_events
         )
         results = await engine.score(
             principal.tenant,
@@ -135,67 +246,156 @@ async def _score(
     except _ClientGone:
         return 499
     except MuseError as exc:
-        return await _error(send, exc, kind)
+        return await _error(send, exc, kind, unread)
     except Exception:
         log.exception("unexpected error scoring a request")
         return await _error(
-            send, InternalError("internal error; see the server log"), kind
+            send, InternalError("internal error; see the server log"), kind, unread
         )
     return await _respond(send, 200, {"results": results}, kind)
 
 
 async def _admin(
-    admin: Any, scope: Scope, receive: Receive, send: Send, limit: int
+    admin: Any,
+    scope: Scope,
+    headers: dict[bytes, list[bytes]],
+    receive: Receive,
+    send: Send,
+    limits: HttpLimits,
 ) -> int:
     status = 500
     started = False
+    try:
+        _check_declared_length(headers, limits.admin_body)
+    except MuseError as exc:
+        return await _error(send, exc, _reply_kind(headers), receive)
+    body = _LimitedBody(receive, limits.admin_body, limits.admin_body_timeout)
 
     async def tracking_send(message: dict[str, Any]) -> None:
         nonlocal status, started
         if message["type"] == "http.response.start":
             status = message["status"]
             started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            # Inside this send hypercorn queues http.disconnect and then
+            # restarts the connection's keep-alive timer; quart cancels its
+            # request on that disconnect, which would cut the restart short
+            # and leave the connection with no idle timeout at all.
+            with trio.CancelScope(shield=True):
+                await send(message)
+            return
         await send(message)
 
-    try:
-        _check_declared_length(_headers(scope), limit)
-        await admin(scope, receive, tracking_send)
-    except MuseError as exc:
-        if not started:
-            return await _error(send, exc, MSGPACK)
+    await admin(scope, body.receive, tracking_send)
+    if body.problem is not None and not started:
+        # quart saw a disconnect and stopped; the answer is ours to give.
+        return await _error(send, body.problem, _reply_kind(headers), receive)
     return status
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """Wrap ``receive`` so a body over ``limit`` fails as its bytes arrive."""
-    seen = 0
+class _LimitedBody:
+    """``receive`` for the admin app, refusing a body over its limits.
 
-    async def limited() -> dict[str, Any]:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
-        return message
+    Raising inside quart's message task would reach us wrapped in an
+    exception group and end as a 500, so a body over the limit, or one that
+    takes too long, is reported to quart as a disconnect (it then stops the
+    request) and kept in ``problem`` for the caller to answer.
 
-    return limited
+    Args:
+        receive: the server's ``receive``.
+        limit: most bytes in the body.
+        timeout: seconds for the whole body, from the first read.
+    """
+
+    def __init__(self, receive: Receive, limit: int, timeout: float) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._timeout = timeout
+        self._seen = 0
+        self._deadline: float | None = None
+        self._complete = False
+        self.problem: ClientError | None = None
+
+    async def receive(self) -> dict[str, Any]:
+        if self._complete or self.problem is not None:
+            # quart keeps listening for a disconnect once the body is in.
+            return await self._receive()
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self._timeout
+        with trio.move_on_at(self._deadline):
+            message = await self._receive()
+            if message["type"] == "http.request":
+                self._seen += len(message.get("body", b""))
+                if self._seen > self._limit:
+                    self.problem = PayloadTooLarge(
+                        f"body is over the limit of {self._limit} bytes"
+                    )
+                    return {"type": "http.disconnect"}
+                self._complete = not message.get("more_body", False)
+            return message
+        self.problem = _BodyTimeout(f"body did not arrive within {self._timeout:g} s")
+        return {"type": "http.disconnect"}
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
     chunks = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    with trio.move_on_after(timeout):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    raise _BodyTimeout(f"body did not arrive within {timeout:g} s ({size} bytes came)")
+
+
+def _framing_problem(headers: dict[bytes, list[bytes]]) -> MuseError | None:
+    """Why a request cannot be read safely, or None.
+
+    h11 frames a request that has both Content-Length and Transfer-Encoding
+    by the latter, as RFC 9112 allows, but the RFC also asks the server to
+    close the connection afterwards: two parties in a chain that disagree on
+    where the body ends is how requests are smuggled.  A second, different
+    Content-Type would let the body be decoded as either.
+    """
+    if b"transfer-encoding" in headers and b"content-length" in headers:
+        return _Framing(
+            "both Content-Length and Transfer-Encoding are present; send exactly one"
+        )
+    types = headers.get(b"content-type")
+    if types is not None and len(types) > 1 and len(set(types)) > 1:
+        return BadRequest("conflicting content-type headers")
+    return None
+
+
+async def _refuse(
+    problem: MuseError,
+    headers: dict[bytes, list[bytes]],
+    receive: Receive,
+    send: Send,
+    limits: HttpLimits,
+) -> int:
+    """Answer a request whose framing is at fault."""
+    if isinstance(problem, _Framing):
+        # Answering "Connection: close" while the body is still being parsed
+        # would let hypercorn find the bytes after it, call them a protocol
+        # error and cut our answer short; read the body (as framed by h11)
+        # first, up to the scoring limit.
+        with contextlib.suppress(MuseError, _ClientGone):
+            await _read_body(receive, limits.score_body, limits.score_body_timeout)
+    return await _error(send, problem, _reply_kind(headers), receive)
+
+
+def _has_body(headers: dict[bytes, list[bytes]]) -> bool:
+    if b"transfer-encoding" in headers:
+        return True
+    return headers.get(b"content-length", [b"0"])[0].strip() not in (b"0", b"")
 
 
 def _check_declared_length(headers: dict[bytes, list[bytes]], limit: int) -> None:
@@ -229,13 +429,18 @@ def _single(headers: dict[bytes, list[bytes]], name: bytes) -> str | None:
     return values[0].decode("latin-1")
 
 
-async def _error(send: Send, exc: MuseError, kind: str) -> int:
+async def _error(
+    send: Send, exc: MuseError, kind: str, drain: Receive | None = None
+) -> int:
+    """Answer ``exc``; ``drain`` is ``receive`` when the body is not all read."""
     extra: list[tuple[bytes, bytes]] = []
     if isinstance(exc, (Overloaded, TooManyRequests)):
         extra.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+    elif isinstance(exc, (_Framing, _BodyTimeout)):
+        extra.extend(_CLOSE)
     if exc.status >= 500 and not isinstance(exc, (Overloaded,)) and exc.status != 504:
         log.warning("answering %d: %s", exc.status, exc.detail)
-    return await _respond(send, exc.status, exc.to_body(), kind, extra)
+    return await _respond(send, exc.status, exc.to_body(), kind, extra, drain)
 
 
 async def _respond(
@@ -244,6 +449,7 @@ async def _respond(
     body: Any,
     kind: str,
     extra: list[tuple[bytes, bytes]] | None = None,
+    drain: Receive | None = None,
 ) -> int:
     payload = encode_body(body, kind)
     headers = [
@@ -253,8 +459,40 @@ async def _respond(
     if extra:
         headers.extend(extra)
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    message = {"type": "http.response.body", "body": payload}
+    if drain is None:
+        await send(message)
+    else:
+        await _send_draining(send, message, drain)
     return status
+
+
+def _draining(send: Send, receive: Receive) -> Send:
+    """``send`` for a handler that answers without reading the body."""
+
+    async def draining_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            await _send_draining(send, message, receive)
+        else:
+            await send(message)
+
+    return draining_send
+
+
+async def _send_draining(send: Send, message: dict[str, Any], receive: Receive) -> None:
+    # By the time the last send returns, hypercorn has queued http.disconnect
+    # for us, so nothing can block on the queue any more.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_discard_body, receive)
+        await send(message)
+        nursery.cancel_scope.cancel()
+
+
+async def _discard_body(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
 
 
 async def _healthz(engine: Any, metrics: Metrics, scope: Scope, send: Send) -> int:
@@ -281,6 +519,15 @@ async def _metrics(engine: Any, metrics: Metrics, scope: Scope, send: Send) -> i
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
     return 200
+
+
+def _reply_kind(headers: dict[bytes, list[bytes]]) -> str:
+    # As the admin app chooses: JSON for JSON bodies or JSON-only clients.
+    content_type = headers.get(b"content-type", [b""])[0].lower()
+    accept = headers.get(b"accept", [b""])[0]
+    if b"json" in content_type or (b"json" in accept and b"msgpack" not in accept):
+        return JSON
+    return MSGPACK
 
 
 def _accept(scope: Scope) -> str:

@@ -1,25 +1,55 @@
-"""Run the engine behind hypercorn's trio worker, in one trio run.
+"""Run the engine behind hypercorn's HTTP/1.1 protocol, in one trio run.
 
 ``serve`` opens the engine, binds the listening socket itself (so it can
-report the real port when asked for port 0), and hands both to hypercorn.
-SIGTERM and SIGINT start a graceful stop: hypercorn stops accepting and
-finishes in-flight requests, then the engine drains its queues and persists
-its calibration samples.
+report the real port when asked for port 0), accepts connections itself and
+hands each one to hypercorn's per-connection server.  SIGTERM and SIGINT
+start a graceful stop: the listening socket closes, idle connections close,
+in-flight requests are answered, then the engine drains its queues and
+persists its calibration samples.
+
+Why we accept connections ourselves rather than calling
+``hypercorn.trio.serve``: hypercorn 0.18 has no connection limit, a
+``read_timeout`` that restarts with every byte (so a client sending one byte
+every few seconds never times out) yet also fires while a request is being
+computed, and it sends ``100 Continue`` before the application has seen the
+request.  Each connection's stream is therefore wrapped in a
+``_GuardedStream`` that
+
+- enforces the header timeout: from accept, and from the first byte of each
+  later request, the request head must be complete within
+  ``header_timeout`` seconds (idle keep-alive time before that first byte is
+  hypercorn's ``keep_alive_timeout``);
+- holds hypercorn's ``100 Continue`` until the application first asks for
+  the body, and drops it when the application answers first (413, 401 ...);
+- cancels the request in progress when the client goes away (EOF or reset),
+  so its remaining work is not done for nobody.
+
+The connection count is capped with a semaphore around ``accept``: past the
+cap, connections wait in the kernel's backlog instead of costing a file
+descriptor each.  This leans on hypercorn's per-connection ``TCPServer`` and
+``WorkerContext``, which are not public API; hypercorn is pinned in
+pyproject.toml for that reason.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import resource
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 
 from muse._atomic import write_bytes_atomic
 from muse._engine import open_engine
@@ -29,6 +59,24 @@ __all__ = ["ServerOptions", "serve", "bind_socket"]
 
 log = logging.getLogger("muse.server")
 
+# File descriptors kept free for everything that is not a client connection
+# (registry files, compiled model libraries, worker threads, logs) when the
+# connection cap is derived from RLIMIT_NOFILE.
+RESERVED_FDS = 256
+# accept() errors that mean "out of descriptors or memory right now": wait and
+# retry, as trio.serve_listeners does, rather than stop serving.
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_RETRY_PAUSE = 0.1
+# hypercorn writes an interim response as one chunk starting with this.
+_CONTINUE = b"HTTP/1.1 100 "
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -36,12 +84,18 @@ class ServerOptions:
 
     Attributes:
         bind: ``host:port``; port 0 picks a free one.
-        keep_alive_timeout: idle seconds before a kept-alive connection closes.
-        header_timeout: seconds a client may take to send a request's headers.
+        keep_alive_timeout: idle seconds a connection may wait, after accept
+            or after its previous response, for its next request to arrive.
+        header_timeout: seconds a request head may take, counted from accept
+            and from the first byte of each later request.
         graceful_timeout: seconds in-flight requests get at shutdown.
         max_requests_per_connection: hypercorn's keep-alive cap; high, because
             reconnecting costs more than the request it interrupts.
         backlog: listen backlog.
+        max_connections: connections served at once; None derives it from
+            the process's file-descriptor limit.
+        max_score_requests: scoring requests admitted at once; more are
+            answered 503 with Retry-After (see ``build_app``).
         limits: body limits by route.
     """
 
@@ -51,6 +105,8 @@ class ServerOptions:
     graceful_timeout: float = 10.0
     max_requests_per_connection: int = 1_000_000
     backlog: int = 1024
+    max_connections: int | None = None
+    max_score_requests: int = 256
     limits: HttpLimits = field(default_factory=HttpLimits)
 
 
@@ -67,11 +123,30 @@ def bind_socket(bind: str, backlog: int) -> socket.socket:
     return sock
 
 
-def _hypercorn_config(options: ServerOptions, sock: socket.socket) -> Config:
+def connection_cap(options: ServerOptions) -> int:
+    """How many connections to serve at once.
+
+    Returns:
+        ``options.max_connections``, or the soft RLIMIT_NOFILE minus
+        ``RESERVED_FDS`` (at least 16) when that is None.
+    """
+    if options.max_connections is not None:
+        return options.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(16, soft - RESERVED_FDS)
+
+
+def _hypercorn_config(options: ServerOptions) -> Config:
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
+    # hypercorn's idle timer runs from accept, and from each response, until
+    # a request head is complete; the guard's header deadline starts at the
+    # first byte, so the two together bound a slow head.
     config.keep_alive_timeout = options.keep_alive_timeout
-    config.read_timeout = options.header_timeout
+    # hypercorn's read_timeout also fires while a request is being computed
+    # (a slow model upload would lose its connection); the guard replaces it.
+    config.read_timeout = None
     config.graceful_timeout = options.graceful_timeout
     config.keep_alive_max_requests = options.max_requests_per_connection
     config.backlog = options.backlog
@@ -97,33 +172,293 @@ async def serve(
         on_ready: called with the base URL and the engine once listening.
         shutdown: an event that stops the server when set (tests, embedding).
     """
-    shutdown = shutdown or trio.Event()
+    if shutdown is None:  # trio events refuse to be tested for truth
+        shutdown = trio.Event()
     sock = bind_socket(options.bind, options.backlog)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-    async with open_engine(registry, **(engine_options or {})) as engine:
-        admin_key = await engine.admin.ensure_admin_key()
-        if admin_key is not None:
-            key_file = _write_admin_key(engine.registry.path, admin_key)
-            log.warning("new registry: admin key written to %s (shown once)", key_file)
-        app = build_app(engine, options.limits)
-        serving = engine.router.serving
-        log.info(
-            "listening on %s; registry %s; %d predictors, %d routes loaded",
-            url,
-            registry,
-            len(serving.predictors),
-            len(serving.table.routes),
-        )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, shutdown)
-            if on_ready is not None:
-                on_ready(url, engine)
-            await hypercorn_serve(
-                app, _hypercorn_config(options, sock), shutdown_trigger=shutdown.wait
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    try:
+        async with open_engine(registry, **(engine_options or {})) as engine:
+            admin_key = await engine.admin.ensure_admin_key()
+            if admin_key is not None:
+                key_file = _write_admin_key(engine.registry.path, admin_key)
+                log.warning(
+                    "new registry: admin key written to %s (shown once)", key_file
+                )
+            app = build_app(
+                engine, options.limits, max_score_requests=options.max_score_requests
             )
-            nursery.cancel_scope.cancel()
+            server = _Server(app, options)
+            serving = engine.router.serving
+            log.info(
+                "listening on %s; registry %s; %d predictors, %d routes loaded; "
+                "at most %d connections",
+                url,
+                registry,
+                len(serving.predictors),
+                len(serving.table.routes),
+                server.cap,
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, shutdown)
+                if on_ready is not None:
+                    on_ready(url, engine)
+                await server.run(listener, shutdown)
+                nursery.cancel_scope.cancel()
+    finally:
+        await listener.aclose()
     log.info("stopped")
+
+
+class _Server:
+    """Accepts connections up to the cap and serves each with hypercorn."""
+
+    def __init__(self, app: App, options: ServerOptions) -> None:
+        self._app = app
+        self._options = options
+        self._config = _hypercorn_config(options)
+        self._context = WorkerContext(None)
+        self.cap = connection_cap(options)
+        self._slots = trio.Semaphore(self.cap)
+
+    async def run(self, listener: trio.SocketListener, shutdown: trio.Event) -> None:
+        """Serve until ``shutdown``, then stop gracefully."""
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(self._accept, listener, connections)
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+            # Refuse new connections at once rather than leave them in the
+            # backlog until the process exits.
+            await listener.aclose()
+            # Idle connections close now; busy ones after their response.
+            await self._context.terminated.set()
+            connections.cancel_scope.deadline = (
+                trio.current_time() + self._options.graceful_timeout
+            )
+
+    async def _accept(
+        self, listener: trio.SocketListener, connections: trio.Nursery
+    ) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                self._slots.release()
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.warning(
+                    "accept failed (%s); retrying in %g s",
+                    errno.errorcode[exc.errno],
+                    _ACCEPT_RETRY_PAUSE,
+                )
+                await trio.sleep(_ACCEPT_RETRY_PAUSE)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            connections.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.CancelScope() as connection:
+                guard = _GuardedStream(stream, self._options.header_timeout, connection)
+                # Both ignores: hypercorn types its messages as TypedDicts and
+                # names SSLStream where any trio stream with .socket will do.
+                server = TCPServer(
+                    ASGIWrapper(guard.wrap(self._app)),  # type: ignore[arg-type]
+                    self._config,
+                    self._context,
+                    ConnectionState({}),
+                    guard,  # type: ignore[arg-type]
+                )
+                await server.run()
+        except Exception:
+            # One connection's failure must not stop the others being served.
+            log.exception("connection handler failed")
+        finally:
+            self._slots.release()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+class _GuardedStream(trio.abc.HalfCloseableStream):
+    """A client connection as hypercorn sees it, with our timeouts and gates.
+
+    Three sets of state, each read and written on the trio thread only:
+
+    - the head deadline: ``_head_started`` is when the current request head
+      began (accept, or its first byte), None while a request is served or
+      the connection idles; reads get a deadline only while it is set;
+    - requests: ``_active`` holds the cancel scope of each request not yet
+      answered (several under HTTP/2), ``_running`` counts application calls
+      still running, answered or not;
+    - ``100 Continue``: ``_held_continue`` is hypercorn's interim response,
+      held until ``_body_wanted`` says the application asked for the body.
+
+    The connection ends (its task is cancelled) once it is over, meaning
+    closed by hypercorn, left by the client or timed out, and no application
+    call is still running: hypercorn itself would wait for its keep-alive
+    timer as well, holding the connection's slot for nothing.
+
+    Args:
+        stream: the accepted connection.
+        header_timeout: seconds a request head may take (see the module).
+        connection: the scope of the task serving the connection.
+    """
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        header_timeout: float,
+        connection: trio.CancelScope,
+    ) -> None:
+        self._stream = stream
+        self._header_timeout = header_timeout
+        self._connection = connection
+        self._head_started: float | None = trio.current_time()
+        self._active: set[trio.CancelScope] = set()
+        self._running = 0
+        self._over = False
+        self._read_scope: trio.CancelScope | None = None
+        self._send_lock = trio.Lock()
+        self._held_continue: bytes | None = None
+        self._body_wanted = False
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The connection's socket (hypercorn reads the peer address)."""
+        return self._stream.socket
+
+    def wrap(self, app: App) -> App:
+        """The ASGI app, tracking this connection's requests."""
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            self._running += 1
+            try:
+                with trio.CancelScope() as request:
+                    self._begin(request)
+                    try:
+                        await app(
+                            scope, self._gate(receive), self._track(send, request)
+                        )
+                    finally:
+                        self._active.discard(request)
+            finally:
+                self._running -= 1
+                if self._over and not self._running:
+                    self._connection.cancel()
+            if request.cancelled_caught:
+                log.debug("client %s went away; request cancelled", scope["client"])
+
+        return guarded
+
+    def _begin(self, request: trio.CancelScope) -> None:
+        self._active.add(request)
+        self._head_started = None
+        if self._read_scope is not None:
+            self._read_scope.deadline = math.inf
+
+    def _track(self, send: Send, request: trio.CancelScope) -> Send:
+        async def tracked(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get(
+                "more_body", False
+            ):
+                # Answered: a client that leaves from now on loses nothing.
+                self._active.discard(request)
+            await send(message)
+
+        return tracked
+
+    def _gate(self, receive: Receive) -> Receive:
+        first = True
+
+        async def gated() -> dict[str, Any]:
+            nonlocal first
+            if first:
+                first = False
+                self._body_wanted = True
+                await self._release_continue()
+            return await receive()
+
+        return gated
+
+    async def _release_continue(self) -> None:
+        held, self._held_continue = self._held_continue, None
+        if held is not None:
+            async with self._send_lock:
+                # A final response may have gone out while we waited.
+                if self._body_wanted:
+                    with trio.CancelScope(shield=True):
+                        await self._stream.send_all(held)
+
+    def _end(self) -> None:
+        """The connection is over; stop its task once no request runs."""
+        self._over = True
+        if not self._running:
+            self._connection.cancel()
+
+    # -- trio stream interface ------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        deadline = math.inf
+        if not self._active and self._head_started is not None:
+            deadline = self._head_started + self._header_timeout
+        try:
+            with trio.CancelScope(deadline=deadline) as reading:
+                self._read_scope = reading
+                data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._client_gone()
+            raise
+        finally:
+            self._read_scope = None
+        if reading.cancelled_caught:
+            log.debug("request head not complete in %g s", self._header_timeout)
+            self._end()
+            raise trio.TooSlowError()  # hypercorn closes the connection
+        if not data:
+            self._client_gone()
+        elif not self._active and self._head_started is None:
+            self._head_started = trio.current_time()
+        return data
+
+    def _client_gone(self) -> None:
+        for request in self._active:
+            request.cancel()
+        self._end()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if bytes(data[: len(_CONTINUE)]) == _CONTINUE:
+            if not self._body_wanted:
+                self._held_continue = bytes(data)
+                return
+        else:
+            # A final response is on its way: a held 100 is moot, and the next
+            # request must ask for its body again.
+            self._held_continue = None
+            self._body_wanted = False
+        async with self._send_lock:
+            await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        # hypercorn sends EOF without its send lock; a response still being
+        # written by another task would make trio refuse one or the other.
+        async with self._send_lock:
+            await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+        self._end()
 
 
 def _write_admin_key(registry: Path, key: str) -> Path:

@@ -8,6 +8,9 @@ serve the embedded engine, which skips only the byte decoding.
 Decoding untrusted msgpack is bounded by the body's own size: no container
 or string can declare more elements than there are bytes left to hold them,
 so a header promising 2**32-1 elements fails at once instead of allocating.
+A large scoring body has its ``events`` count read from the array header
+before anything is decoded, so a batch over the limit is a 413 that costs
+no more than reading a few headers.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ _MSGPACK_TYPES = frozenset(
 # Integers beyond 2**53 have no exact float64; a feature value that would be
 # silently rounded is refused instead.
 _MAX_EXACT_INT = 2**53
+# Below this many bytes a body cannot hold enough events for the count to be
+# worth reading ahead: decoding it whole costs microseconds.
+_PRESCAN_BYTES = 64 << 10
 
 
 def media_type(content_type: str | None) -> str:
@@ -74,38 +80,45 @@ def media_type(content_type: str | None) -> str:
     )
 
 
-def decode_body(body: bytes, kind: str) -> Any:
+def decode_body(body: bytes, kind: str, *, max_events: int | None = None) -> Any:
     """Decode a request body of a known media type, with size-derived limits.
 
     Args:
         body: the complete body.
         kind: ``MSGPACK`` or ``JSON`` (from ``media_type``).
+        max_events: for a scoring body, the batch limit; a large msgpack
+            body declaring more events is refused before it is decoded.
 
     Returns:
         The decoded value (msgpack arrays come back as lists).
 
     Raises:
         BadRequest: the bytes are not one valid document of that type.
+        PayloadTooLarge: the body declares more than ``max_events`` events.
     """
     if not body:
         raise BadRequest("request body is empty")
     if kind == JSON:
         try:
             return json.loads(body)
+        except RecursionError as exc:
+            raise BadRequest("body is not valid JSON: nested too deeply") from exc
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    if max_events is not None and len(body) > _PRESCAN_BYTES:
+        declared = _declared_events(body)
+        # More events than bytes is not a batch, it is a broken body (400).
+        if declared is not None and max_events < declared <= len(body):
+            raise PayloadTooLarge(
+                f"{declared} events in one request; the limit is {max_events}"
+            )
+    return _unpack(body)
+
+
+def _unpack(body: bytes) -> Any:
     size = len(body)
     try:
-        return msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=False,
-            max_str_len=size,
-            max_bin_len=size,
-            max_array_len=size,
-            max_map_len=size // 2,
-            max_ext_len=size,
-        )
+        return msgpack.unpackb(body, raw=False, **_limits(size))
     except msgpack.ExtraData as exc:
         if body[:1] in (b"{", b"["):
             raise BadRequest(
@@ -114,10 +127,87 @@ def decode_body(body: bytes, kind: str) -> Any:
             ) from exc
         raise BadRequest("body holds more than one msgpack document") from exc
     except UnicodeDecodeError as exc:
-        raise BadRequest(f"body has a string that is not valid UTF-8: {exc}") from exc
+        where = _bad_string(body)
+        raise BadRequest(
+            f"body has a string that is not valid UTF-8{where}: {exc}"
+        ) from exc
+    except msgpack.StackError as exc:
+        raise BadRequest("body is not valid msgpack: nested too deeply") from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # Unhashable keys (arrays or maps used as keys) surface as TypeError.
         raise BadRequest(f"body is not valid msgpack: {exc}") from exc
+
+
+def _limits(size: int) -> dict[str, Any]:
+    # No container or string can hold more items than there are bytes left.
+    return {
+        "strict_map_key": False,
+        "max_str_len": size,
+        "max_bin_len": size,
+        "max_array_len": size,
+        "max_map_len": size // 2,
+        "max_ext_len": size,
+    }
+
+
+def _declared_events(body: bytes) -> int | None:
+    """The length the ``events`` array header declares, or None.
+
+    Only headers and the values before ``events`` are read (skipped in C);
+    anything unexpected returns None and is left to the full decode.
+    """
+    unpacker = msgpack.Unpacker(
+        raw=False, max_buffer_size=len(body), **_limits(len(body))
+    )
+    unpacker.feed(body)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "events":
+                return int(unpacker.read_array_header())
+            unpacker.skip()
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    return None
+
+
+def _bad_string(body: bytes) -> str:
+    """Where the first invalid UTF-8 string sits, as `` at <path>`` or ''."""
+    try:
+        document = msgpack.unpackb(
+            body, raw=False, unicode_errors="surrogateescape", **_limits(len(body))
+        )
+        path = _path_to_bad_string(document)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError):
+        return ""
+    return " at body" + "".join(reversed(path)) if path else ""
+
+
+def _path_to_bad_string(value: Any) -> list[str] | None:
+    """Path segments, innermost first, to the first string with surrogates."""
+    if isinstance(value, str):
+        return [] if _has_surrogates(value) else None
+    items: Any = ()
+    if isinstance(value, list):
+        items = enumerate(value)
+    elif isinstance(value, dict):
+        for key in value:
+            if isinstance(key, str) and _has_surrogates(key):
+                return [f" key {key!r}"]
+        items = value.items()
+    for key, item in items:
+        found = _path_to_bad_string(item)
+        if found is not None:
+            found.append(f"[{key!r}]")
+            return found
+    return None
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def encode_body(value: Any, kind: str) -> bytes:
@@ -158,6 +248,7 @@ def parse_score_request(document: Any, *, max_events: int) -> ScoreRequest:
     """
     if not isinstance(document, dict):
         raise BadRequest(f"body must be a map, got {_type_name(document)}")
+    _check_field_names(document, "body")
     intent = document.get("intent")
     if not isinstance(intent, str) or not intent:
         raise BadRequest(f"'intent' must be a non-empty string, got {intent!r}")
@@ -238,12 +329,30 @@ def build_matrix(
     return matrix
 
 
+def _check_field_names(document: dict[Any, Any], where: str) -> None:
+    # A field sent under a binary or integer key would otherwise just look
+    # absent, and be silently defaulted.
+    for key in document:
+        if type(key) is not str:
+            raise BadRequest(
+                f"{where} has a key {key!r:.40} of type {_type_name(key)}; "
+                "field names must be strings"
+            )
+
+
 def _features_of(event: Any, row: int) -> dict[Any, Any]:
     if not isinstance(event, dict):
         raise InvalidEvent(
             f"event at index {row} must be a map, got {_type_name(event)}",
             event=row,
         )
+    for key in event:
+        if type(key) is not str:
+            raise InvalidEvent(
+                f"event at index {row} has a key {key!r:.40} of type "
+                f"{_type_name(key)}; field names must be strings",
+                event=row,
+            )
     ident = event.get("id")
     if ident is not None and (type(ident) not in (str, int)):
         raise InvalidEvent(

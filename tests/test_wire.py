@@ -162,7 +162,9 @@ def test_build_matrix_infinity_allowed_when_the_library_takes_it() -> None:
 
 def test_build_matrix_missing_refused_for_models_without_missing_support() -> None:
     with pytest.raises(InvalidEvent, match="feature 'b' is missing"):
-        build_matrix([{"features": {"a": 1.0, "c": 2.0}}], FEATURES, allow_missing=False)
+        build_matrix(
+            [{"features": {"a": 1.0, "c": 2.0}}], FEATURES, allow_missing=False
+        )
 
 
 @pytest.mark.parametrize(
