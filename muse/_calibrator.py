@@ -367,9 +367,10 @@ class Calibrator:
 
         try:
             await trio.to_thread.run_sync(write)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - kept dirty, retried next time
+            # Degraded but serving: the samples stay in memory.
             self._dirty |= dirty
-            log.exception("could not persist calibration samples; will retry")
+            log.warning("could not persist calibration samples (%s); will retry", exc)
         else:
             log.debug("persisted %d calibration samples", len(snapshot))
 

@@ -69,9 +69,16 @@ def _serve(args: argparse.Namespace) -> int:
             tenant: QuotaPolicy(float(q["rate"]), float(q.get("burst", q["rate"])))
             for tenant, q in quotas.items()
         }
+    defaults = HttpLimits()
     limits = HttpLimits(
-        score_body=int(server.pop("score_body_limit", 4 << 20)),
-        admin_body=int(server.pop("admin_body_limit", 256 << 20)),
+        score_body=int(server.pop("score_body_limit", defaults.score_body)),
+        admin_body=int(server.pop("admin_body_limit", defaults.admin_body)),
+        score_body_timeout=float(
+            server.pop("score_body_timeout", defaults.score_body_timeout)
+        ),
+        admin_body_timeout=float(
+            server.pop("admin_body_timeout", defaults.admin_body_timeout)
+        ),
     )
     registry = args.registry or config.get("registry") or DEFAULT_REGISTRY
     options = ServerOptions(

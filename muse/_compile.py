@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -55,7 +56,7 @@ import numpy.typing as npt
 import tl2cgen
 import treelite
 
-from muse._errors import ModelImportError
+from muse._errors import ModelImportError, StorageFull
 
 __all__ = [
     "PATCH_VERSION",
@@ -468,12 +469,31 @@ def build_library(
     try:
         _build(tl_model, compiler, path, label)
         library = _open_library(path)
-    except (ModelImportError, OSError, subprocess.SubprocessError) as exc:
+    except (ModelImportError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        # A full disk shows up in many guises (a truncated recipe from
+        # tl2cgen, a compiler error, ENOSPC): ask the disk before blaming
+        # the model, and never fall back to GTIL over a full disk.
+        if _disk_full(cache_dir):
+            raise StorageFull(
+                f"the disk holding {cache_dir} is full; model {label} was not compiled"
+            ) from exc
         _count(fallbacks=1)
         raise CompileUnavailable(str(exc)) from exc
     finally:
         _count(compile_seconds=time.perf_counter() - started)
     return library, False
+
+
+def _disk_full(directory: Path) -> bool:
+    """Whether a small write in ``directory`` fails for lack of space."""
+    try:
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return False
 
 
 def _build(tl_model: treelite.Model, compiler: str, path: Path, label: str) -> None:

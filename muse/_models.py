@@ -393,7 +393,8 @@ def _import_xgboost(source: Any, format: str) -> _Imported:
             tl_model = treelite.frontend.from_xgboost_json(data)
         else:
             tl_model = treelite.frontend.from_xgboost_ubjson(data)
-    except TreeliteError as exc:
+    except (TreeliteError, UnicodeDecodeError, ValueError) as exc:
+        # treelite's own error decoding can fail on garbage bytes.
         raise ModelImportError(
             f"treelite cannot read this XGBoost model: {exc}"
         ) from exc
@@ -485,7 +486,7 @@ def _import_lightgbm(source: Any) -> _Imported:
         path.write_text(rewritten)
         try:
             tl_model = treelite.frontend.load_lightgbm_model(path)
-        except TreeliteError as exc:
+        except (TreeliteError, UnicodeDecodeError, ValueError) as exc:
             raise ModelImportError(
                 f"treelite cannot read this LightGBM model: {exc}"
             ) from exc

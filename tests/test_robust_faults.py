@@ -482,12 +482,6 @@ async def test_full_disk_fails_writes_cleanly_and_damages_nothing(
         assert not [n for n in names if n.startswith(TEMP_PREFIX)], directory
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="muse._compile builds in the registry's compiled/ directory and does "
-    "not translate a full disk: tl2cgen leaves an empty recipe.json and the "
-    "JSONDecodeError becomes a 500 instead of 507 storage_full",
-)
 async def test_full_disk_during_a_compile_is_a_507(
     template: Path, small_disk: Path, synthetic: dict
 ) -> None:
