@@ -303,30 +303,51 @@ def build_matrix(
     Raises:
         InvalidEvent: naming the event and the feature at fault.
     """
-    matrix = np.empty((len(events), len(feature_names)), dtype=np.float64)
+    names = list(feature_names)
+    rows: list[list[Any]] = []
     for row, event in enumerate(events):
         features = _features_of(event, row)
-        _check_keys(features, event, row)
-        out = matrix[row]
-        for col, name in enumerate(feature_names):
-            value = features.get(name)
-            # float first: it is what nearly every client sends.
-            if type(value) is float:
-                if value != value or value in (math.inf, -math.inf):
-                    value = _special_float(value, event, row, name, allow_infinity)
-            elif value is None:
-                value = math.nan
-            else:
-                value = _coerce(value, event, row, name)
-            if value != value and not allow_missing:
-                raise InvalidEvent(
-                    f"event {_label(event, row)}: feature {name!r} is missing "
-                    "and the model cannot take missing values",
-                    event=_label(event, row),
-                    feature=name,
-                )
-            out[col] = value
+        if not _STR.issuperset(map(type, features)):
+            _check_keys(features, event, row)
+        values = list(map(features.get, names))
+        # Nearly every client sends floats (and nil for missing): those rows
+        # go to numpy as they are, which reads None as NaN.  Anything else
+        # is checked value by value.
+        if not _FLOAT_OR_NIL.issuperset(map(type, values)):
+            values = [
+                _coerce(value, event, row, name)
+                if type(value) is not float and value is not None
+                else value
+                for value, name in zip(values, names)
+            ]
+        rows.append(values)
+    matrix = np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
+    if not allow_infinity:
+        _refuse(np.isinf(matrix), events, names, "is {value!r}; this model's "
+                "library does not accept infinity")
+    if not allow_missing:
+        _refuse(np.isnan(matrix), events, names, "is missing and the model "
+                "cannot take missing values")
     return matrix
+
+
+_STR = frozenset({str})
+_FLOAT_OR_NIL = frozenset({float, type(None)})
+
+
+def _refuse(bad: np.ndarray, events: Sequence[Any], names: list[str], problem: str) -> None:
+    """Raise for the first flagged cell, naming its event and feature."""
+    if not bad.any():
+        return
+    row, col = (int(i[0]) for i in np.nonzero(bad))
+    event = events[row]
+    value = event["features"].get(names[col])
+    raise InvalidEvent(
+        f"event {_label(event, row)}: feature {names[col]!r} "
+        + problem.format(value=value),
+        event=_label(event, row),
+        feature=names[col],
+    )
 
 
 def _check_field_names(document: dict[Any, Any], where: str) -> None:
@@ -378,19 +399,6 @@ def _check_keys(features: dict[Any, Any], event: Any, row: int) -> None:
                 f"{_type_name(key)}, not a string",
                 event=_label(event, row),
             )
-
-
-def _special_float(
-    value: float, event: Any, row: int, name: str, allow_infinity: bool
-) -> float:
-    if value != value or allow_infinity:
-        return value
-    raise InvalidEvent(
-        f"event {_label(event, row)}: feature {name!r} is {value!r}; "
-        "this model's library does not accept infinity",
-        event=_label(event, row),
-        feature=name,
-    )
 
 
 def _coerce(value: Any, event: Any, row: int, name: str) -> float:
