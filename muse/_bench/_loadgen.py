@@ -24,6 +24,7 @@ reported with every result, so a reader can see what it took from the server.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import logging
@@ -267,7 +268,7 @@ class _Connection(asyncio.Protocol):
         self.driver.on_lost(self)
 
 
-class _Driver:
+class _Driver(abc.ABC):
     """Feeds requests to connections; subclasses decide when."""
 
     def __init__(self, spec: LoadSpec, recorder: _Recorder) -> None:
@@ -296,8 +297,9 @@ class _Driver:
         )
         return protocol
 
+    @abc.abstractmethod
     def on_answer(self, conn: _Connection, status: int) -> None:
-        raise NotImplementedError
+        """A response arrived on ``conn`` with this status."""
 
     def on_lost(self, conn: _Connection) -> None:
         """A connection closed: count its request, reconnect unless closing."""
@@ -325,14 +327,17 @@ class _Driver:
             return
         self.check_done()
 
+    @abc.abstractmethod
     def wants_connections(self) -> bool:
-        raise NotImplementedError
+        """Whether a lost connection should be replaced."""
 
+    @abc.abstractmethod
     def on_idle(self, conn: _Connection) -> None:
-        raise NotImplementedError
+        """``conn`` may send its next request."""
 
+    @abc.abstractmethod
     def check_done(self) -> None:
-        raise NotImplementedError
+        """Finish the run if everything has been sent and answered."""
 
     def close(self) -> int:
         """Close every connection; returns how many had a request in flight."""
