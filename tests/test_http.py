@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,46 +14,23 @@ import numpy as np
 import pytest
 import trio
 
-from muse._server import ServerOptions, serve
 from muse._wire import build_matrix
 from muse.client import ApiError, AsyncClient
+
+from _servers import serving
 
 INTENT = "card-fraud"
 MSGPACK = {"content-type": "application/msgpack"}
 
 
 @asynccontextmanager
-async def running(
-    registry: Path, **engine_options: Any
-) -> AsyncIterator[tuple[str, Any]]:
+async def running(registry: Path, **engine_options: Any) -> AsyncIterator[tuple[str, Any]]:
     """Serve ``registry`` on a free loopback port for the block's duration."""
     # These tests check answers, not latency: a generous deadline keeps a
     # busy CI machine from turning a slow answer into a 504.
     engine_options.setdefault("deadline_ms", 5000)
-    shutdown = trio.Event()
-    started = trio.Event()
-    found: dict[str, Any] = {}
-
-    def on_ready(url: str, engine: Any) -> None:
-        found.update(url=url, engine=engine)
-        started.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            partial(
-                serve,
-                registry,
-                ServerOptions(bind="127.0.0.1:0"),
-                engine_options,
-                on_ready=on_ready,
-                shutdown=shutdown,
-            )
-        )
-        await started.wait()
-        try:
-            yield found["url"], found["engine"]
-        finally:
-            shutdown.set()
+    async with serving(registry, **engine_options) as served:
+        yield served.url, served.engine
 
 
 def _spec(model: str) -> dict:
