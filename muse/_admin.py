@@ -28,6 +28,7 @@ from muse._registry import Registry
 from muse._router import Change, Router
 from muse._routes import ANY_TENANT, RouteTable
 from muse._serving import LoadedPredictor, Serving
+from muse._trial import check_in_child
 from muse._transform import DEFAULT_CURVE, QuantileMapping
 
 __all__ = ["Admin"]
@@ -113,6 +114,13 @@ class Admin:
         """
         check_name("model", name)
         started = time.perf_counter()
+        if isinstance(data, (bytes, bytearray)):
+            await trio.to_thread.run_sync(
+                lambda: check_in_child(
+                    bytes(data), format, feature_names, beta,
+                    self._registry.compiled_dir, golden,
+                )
+            )
         model = await trio.to_thread.run_sync(
             lambda: load_model(
                 data,
@@ -124,7 +132,9 @@ class Admin:
                 name=name,
             )
         )
-        model = self._models.setdefault(model.digest, model)
+        # The same bytes with another beta are another model: beta is part
+        # of the transformation, not of the trees.
+        model = self._models.setdefault((model.digest, model.beta), model)
         meta = {
             "format": model.format,
             "feature_names": list(model.feature_names),
@@ -146,7 +156,7 @@ class Admin:
     async def _model(self, ref: str) -> Any:
         record = await trio.to_thread.run_sync(self._registry.get_model, ref)
         meta = record.meta
-        found = self._models.get(meta["digest"])
+        found = self._models.get((meta["digest"], meta["beta"]))
         if found is not None:
             return found
         model = await trio.to_thread.run_sync(
@@ -160,7 +170,7 @@ class Admin:
                 name=meta["name"],
             )
         )
-        return self._models.setdefault(model.digest, model)
+        return self._models.setdefault((model.digest, model.beta), model)
 
     async def _load_predictor(self, ref: str) -> LoadedPredictor:
         loaded = self._router.serving.predictors.get(ref)
@@ -323,6 +333,8 @@ class Admin:
         Raises:
             MappingFitError: too few scores or too few distinct values.
         """
+        if min_sample is not None and min_sample < 1:
+            raise BadRequest(f"min_sample must be at least 1, got {min_sample}")
         if source not in ("shadow", "live"):
             raise BadRequest(f"source must be 'shadow' or 'live', got {source!r}")
         self._router.serving.require_loaded(predictor)

@@ -62,7 +62,7 @@ def build_admin_app(engine: Any, max_body: int) -> QuartTrio:
             data,
             _field(body, "format", str),
             feature_names=_optional(body, "feature_names", list),
-            beta=float(_optional(body, "beta", (int, float)) or 1.0),
+            beta=_beta(body),
             golden=body.get("golden"),
         )
 
@@ -181,6 +181,12 @@ def _response_kind() -> str:
     if "json" in content_type.lower() or ("json" in accept and "msgpack" not in accept):
         return JSON
     return MSGPACK
+
+
+def _beta(body: dict[str, Any]) -> float:
+    # 0 is a value to refuse, not an absent one: test for None, not falsiness.
+    beta = _optional(body, "beta", (int, float))
+    return 1.0 if beta is None else float(beta)
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:

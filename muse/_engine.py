@@ -31,8 +31,14 @@ import trio
 from muse._calibrator import Calibrator, ScoredBatch
 from muse._admin import Admin
 from muse._deadlines import DeadlineWatch
-from muse._errors import DeadlineExceeded, InternalError, MuseError, Overloaded
-from muse._keys import Principal
+from muse._errors import (
+    DeadlineExceeded,
+    Forbidden,
+    InternalError,
+    MuseError,
+    Overloaded,
+)
+from muse._keys import ADMIN, Principal
 from muse._quota import QuotaPolicy, Quotas
 from muse._registry import Registry
 from muse._routes import ANY_TENANT
@@ -152,6 +158,10 @@ class Engine:
             Overloaded: the live queue is full.
             DeadlineExceeded: the deadline passed; the work was cancelled.
         """
+        if tenant == ADMIN:
+            # The admin key administers; it has no routes, thresholds or
+            # samples of its own.
+            raise Forbidden("the admin key cannot score; use a tenant key")
         serving = self.router.serving
         route = serving.table.resolve(tenant, intent)
         live = serving.predictor(route.live)

@@ -175,9 +175,21 @@ class Model:
         """Golden rows and expected outputs as npz bytes (no pickles)."""
         return self._golden.to_bytes()
 
+    def _by_name(self, frame: Any) -> Any:
+        # A data frame names its columns: use the names, never the order.
+        given = [str(c) for c in frame.columns]
+        absent = [f for f in self.feature_names if f not in given]
+        if absent:
+            raise BadRequest(
+                f"model {self.name} needs columns {absent[:5]} that the frame lacks"
+            )
+        return frame[list(self.feature_names)]
+
     def _run(self, X: Rows, margin: bool) -> FloatArray:
         # The kernels check shape and width themselves (ValueError); checking
         # here as well would add a third to the cost of a one-row call.
+        if type(X) is not np.ndarray and hasattr(X, "columns"):
+            X = self._by_name(X)
         try:
             rows = np.ascontiguousarray(X, dtype=np.float64)
             return self._kernel.run(rows, margin)

@@ -554,6 +554,11 @@ def _check_fields(
         raise _fail(node_id, f"missing fields {missing}, unknown fields {unknown}")
 
 
+# Predictors are a handful of steps; the cap keeps validation (recursive over
+# the graph) far from Python's recursion limit on a hostile spec.
+MAX_NODES = 256
+
+
 def _check_top_level(spec: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
     _check_fields(None, spec.keys(), _SPEC_REQUIRED, _SPEC_REQUIRED | _SPEC_OPTIONAL)
     name, output, nodes = spec["name"], spec["output"], spec["nodes"]
@@ -563,6 +568,8 @@ def _check_top_level(spec: dict[str, Any]) -> tuple[str, str, list[dict[str, Any
         raise _fail(None, f"'output' must be exactly one node id, got {output!r}")
     if not isinstance(nodes, list) or not nodes:
         raise _fail(None, "'nodes' must be a non-empty list of tables")
+    if len(nodes) > MAX_NODES:
+        raise _fail(None, f"{len(nodes)} nodes; a predictor has at most {MAX_NODES}")
     seen: set[str] = set()
     for index, raw in enumerate(nodes):
         if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):

@@ -108,7 +108,13 @@ def posterior_correction(scores: ArrayLike, beta: float) -> Any:
         BadRequest: ``beta`` outside (0, 1]; a score NaN or outside [0, 1]
             (the message names the first, by flat index).
     """
-    return _corrected(_fast.correct_posterior, scores, beta)
+    corrected = _corrected(_fast.correct_posterior, scores, beta)
+    # T(y) <= y for every beta <= 1; the division can round one ulp above y
+    # for beta within an ulp of 1, so the bound is enforced exactly.  The
+    # minimum of two non-decreasing maps is still non-decreasing.
+    if isinstance(corrected, float):
+        return min(corrected, float(scores))  # type: ignore[arg-type]
+    return np.minimum(corrected, np.asarray(scores, dtype=np.float64), out=corrected)
 
 
 @overload

@@ -249,6 +249,14 @@ def parse_score_request(document: Any, *, max_events: int) -> ScoreRequest:
     if not isinstance(document, dict):
         raise BadRequest(f"body must be a map, got {_type_name(document)}")
     _check_field_names(document, "body")
+    unknown = sorted(set(document) - _SCORE_FIELDS)
+    if unknown:
+        # A misspelt option (say 'deadline') would otherwise be dropped
+        # without a word.
+        raise BadRequest(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"a score request has {', '.join(sorted(_SCORE_FIELDS))}"
+        )
     intent = document.get("intent")
     if not isinstance(intent, str) or not intent:
         raise BadRequest(f"'intent' must be a non-empty string, got {intent!r}")
@@ -325,13 +333,25 @@ def build_matrix(
     if not allow_infinity:
         _refuse(np.isinf(matrix), events, names, "is {value!r}; this model's "
                 "library does not accept infinity")
+    missing = np.isnan(matrix)
     if not allow_missing:
-        _refuse(np.isnan(matrix), events, names, "is missing and the model "
+        _refuse(missing, events, names, "is missing and the model "
                 "cannot take missing values")
+    empty = missing.all(axis=1)
+    if empty.any():
+        # Every feature missing is a client bug (wrong names, wrong model),
+        # not a transaction: scoring it would only return the trees' prior.
+        row = int(np.flatnonzero(empty)[0])
+        raise InvalidEvent(
+            f"event {_label(events[row], row)} has none of the model's "
+            f"features (expected {', '.join(names[:3])}, ...)",
+            event=_label(events[row], row),
+        )
     return matrix
 
 
 _STR = frozenset({str})
+_SCORE_FIELDS = frozenset({"intent", "events", "deadline_ms"})
 _FLOAT_OR_NIL = frozenset({float, type(None)})
 
 

@@ -175,3 +175,38 @@ async def test_infinity_follows_each_library(
             await engine.score("bank-01", "xgb", [{"id": 1, "features": features}])
         results = await engine.score("bank-01", "lgb", [{"id": 1, "features": features}])
         assert 0.0 <= results[0]["score"] <= 1.0
+
+
+async def test_admin_key_cannot_score_and_beta_belongs_to_each_upload(
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    from muse._errors import BadRequest, Forbidden
+    from muse._keys import ADMIN
+
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
+        await _setup(engine, xgb_bytes, lgb_bytes)
+        with pytest.raises(Forbidden, match="admin key cannot score"):
+            await engine.score(ADMIN, INTENT, events[:1])
+        low = await engine.admin.put_model("same", xgb_bytes, "xgboost_json", beta=0.3)
+        high = await engine.admin.put_model("same", xgb_bytes, "xgboost_json", beta=0.7)
+        assert (low["beta"], high["beta"]) == (0.3, 0.7)
+        with pytest.raises(BadRequest, match="min_sample must be at least 1"):
+            await engine.admin.fit_mapping(low["ref"], min_sample=0)
+
+
+async def test_a_model_that_crashes_its_parser_is_refused_and_serving_goes_on(
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    import json
+
+    from muse._errors import ModelImportError
+
+    document = json.loads(xgb_bytes)
+    tree = document["learner"]["gradient_booster"]["model"]["trees"][0]
+    tree["split_indices"] = [99999] * len(tree["split_indices"])
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
+        p1, _ = await _setup(engine, xgb_bytes, lgb_bytes)
+        with pytest.raises(ModelImportError, match="refused"):
+            await engine.admin.put_model("junk", json.dumps(document).encode(), "xgboost_json")
+        results = await engine.score("bank-01", INTENT, events[:2])
+        assert {r["predictor"] for r in results} == {p1}

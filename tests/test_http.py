@@ -103,14 +103,17 @@ async def test_tenant_comes_from_the_key_not_the_body(
             await admin.put_route("bank-01", INTENT, setup["p2"])
         batch = [{"id": 1, "features": events[0]["features"]}]
         async with AsyncClient(url, setup["keys"]["bank-01"]) as one:
-            mine = await one.call(
-                "POST",
-                "/v1/score",
-                {"intent": INTENT, "events": batch, "tenant": "bank-02"},
-            )
+            # A body cannot name a tenant: the field is refused outright.
+            with pytest.raises(ApiError, match="unknown field.*'tenant'"):
+                await one.call(
+                    "POST",
+                    "/v1/score",
+                    {"intent": INTENT, "events": batch, "tenant": "bank-02"},
+                )
+            mine = await one.score(INTENT, batch)
         async with AsyncClient(url, setup["keys"]["bank-02"]) as two:
             theirs = await two.score(INTENT, batch)
-        assert mine["results"][0]["predictor"] == setup["p2"]
+        assert mine[0]["predictor"] == setup["p2"]
         assert theirs[0]["predictor"] == setup["p1"]
 
 

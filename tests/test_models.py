@@ -645,3 +645,19 @@ def test_load_logs_one_info_line(
     assert len(infos) == 1
     assert "fraud-xgb" in infos[0] and model.digest[:12] in infos[0]
     assert "20 trees" in infos[0] and "compile cache hit" in infos[0]
+
+
+def test_data_frame_columns_are_read_by_name(xgb_bytes: bytes, synthetic: dict) -> None:
+    import pandas as pd
+
+    from muse import load_model
+    from muse._errors import BadRequest
+    from muse._synthetic import FEATURES
+
+    model = load_model(xgb_bytes, "xgboost_json")
+    frame = pd.DataFrame({f: synthetic[f][:50] for f in FEATURES})
+    expected = model.predict(frame.to_numpy())
+    shuffled = frame[list(reversed(FEATURES))]
+    np.testing.assert_array_equal(model.predict(shuffled), expected)
+    with pytest.raises(BadRequest, match="needs columns"):
+        model.predict(frame.drop(columns=["TX_AMOUNT"]))

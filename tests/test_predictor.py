@@ -522,3 +522,16 @@ def test_real_tree_models_score_equals_combine(tmp_path: Path) -> None:
         predictor.score(batch, loaded), predictor.combine(outputs)
     )
     assert predictor.feature_names == FEATURES
+
+
+def test_predictor_with_too_many_nodes_is_refused() -> None:
+    from muse._errors import PredictorSpecError
+    from muse._predictor import MAX_NODES, Predictor
+
+    nodes = [{"id": "m", "kind": "model", "model": "m@1"}] + [
+        {"id": f"pc{i}", "kind": "posterior_correction", "input": "m" if i == 0 else f"pc{i - 1}", "beta": 0.5}
+        for i in range(MAX_NODES)
+    ]
+    spec = {"name": "chain", "nodes": nodes, "output": f"pc{MAX_NODES - 1}"}
+    with pytest.raises(PredictorSpecError, match=f"at most {MAX_NODES}"):
+        Predictor.from_spec(spec, {})

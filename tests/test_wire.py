@@ -183,3 +183,14 @@ def test_build_matrix_event_shape_errors(event: object, match: str) -> None:
 
 def test_event_ids_default_to_the_index() -> None:
     assert event_ids([{"features": {}}, {"id": 7, "features": {}}]) == [0, 7]
+
+
+def test_an_event_with_none_of_the_features_is_refused() -> None:
+    with pytest.raises(InvalidEvent, match="tx-5 has none of the model's features"):
+        build_matrix([{"id": "tx-5", "features": {"amount": 1.0}}], FEATURES)
+
+
+def test_unknown_score_request_fields_are_refused() -> None:
+    document = {"intent": "x", "events": [{"features": {"a": 1.0}}], "deadline": 5}
+    with pytest.raises(BadRequest, match="unknown field.*'deadline'"):
+        parse_score_request(document, max_events=10)
