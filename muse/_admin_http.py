@@ -160,11 +160,12 @@ def _listing(app: QuartTrio, engine: Any, what: str) -> None:
 
 
 async def _body() -> dict[str, Any]:
-    kind = media_type(request.headers.get("content-type"))
     data = await request.get_data(cache=False, as_text=False)
     if not data:
+        # Calls with nothing to say (create a tenant, promote the only
+        # shadow) need no body and so no Content-Type.
         return {}
-    document = decode_body(data, kind)
+    document = decode_body(data, media_type(request.headers.get("content-type")))
     if not isinstance(document, dict):
         raise BadRequest("body must be a map")
     return document
