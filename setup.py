@@ -17,7 +17,7 @@ def _extension(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [_extension("_mapping"), _extension("_treepredict")],
+        [_extension(name) for name in ("_mapping", "_treepredict", "_events")],
         compiler_directives={"language_level": "3"},
     ),
 )

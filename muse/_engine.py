@@ -31,6 +31,7 @@ import trio
 from muse._calibrator import Calibrator, ScoredBatch
 from muse._admin import Admin
 from muse._deadlines import DeadlineWatch
+from muse._events import DecodedEvents, EventBatch
 from muse._errors import (
     DeadlineExceeded,
     Forbidden,
@@ -45,7 +46,6 @@ from muse._routes import ANY_TENANT
 from muse._router import CHANGE_BUFFER, Change, Router
 from muse._scorer import Job, Scorer
 from muse._serving import Serving
-from muse._wire import build_matrix, event_ids
 
 __all__ = ["Engine", "EngineOptions", "open_engine"]
 
@@ -158,6 +158,19 @@ class Engine:
             Overloaded: the live queue is full.
             DeadlineExceeded: the deadline passed; the work was cancelled.
         """
+        return await self.score_events(
+            tenant, intent, DecodedEvents(events), deadline_ms=deadline_ms
+        )
+
+    async def score_events(
+        self,
+        tenant: str,
+        intent: str,
+        events: EventBatch,
+        *,
+        deadline_ms: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """``score`` for events already in an ``EventBatch`` (the HTTP path)."""
         if tenant == ADMIN:
             # The admin key administers; it has no routes, thresholds or
             # samples of its own.
@@ -165,14 +178,14 @@ class Engine:
         serving = self.router.serving
         route = serving.table.resolve(tenant, intent)
         live = serving.predictor(route.live)
-        matrix = build_matrix(
-            events,
+        matrix = events.matrix(
             live.feature_names,
             allow_missing=live.allow_missing,
             allow_infinity=live.allow_infinity,
         )
+        count = len(events)
         if self._quotas:
-            self._quotas.take(tenant, len(events), trio.current_time())
+            self._quotas.take(tenant, count, trio.current_time())
         mapping = serving.mapping_for(live.ref, tenant)
         job = Job(live, tenant, mapping, matrix)
         try:
@@ -181,16 +194,16 @@ class Engine:
             self._overloaded += 1
             raise Overloaded("the live scoring queue is full; retry shortly") from None
         self._requests += 1
-        self._events += len(events)
+        self._events += count
         if route.shadows:
             self._queue_shadows(serving, route.shadows, tenant, events, matrix, live)
         await self._wait(job, deadline_ms)
         assert job.scores is not None
-        ids = event_ids(events)
+        ref = live.ref
         mapping_id = live.predictor.mapping_id_used(mapping)
         return [
-            {"id": i, "score": s, "predictor": live.ref, "mapping": mapping_id}
-            for i, s in zip(ids, job.scores.tolist())
+            {"id": i, "score": s, "predictor": ref, "mapping": mapping_id}
+            for i, s in zip(events.labels(), job.scores.tolist())
         ]
 
     async def _wait(self, job: Job, deadline_ms: float | None) -> None:
@@ -217,7 +230,7 @@ class Engine:
         serving: Serving,
         shadows: tuple[str, ...],
         tenant: str,
-        events: Sequence[Mapping[str, Any]],
+        events: EventBatch,
         matrix: Any,
         live: Any,
     ) -> None:
@@ -227,10 +240,13 @@ class Engine:
                 self._shadow_dropped += len(events)
                 continue
             rows = matrix
-            if shadow.feature_names != live.feature_names:
+            if (
+                shadow.feature_names != live.feature_names
+                or shadow.allow_missing != live.allow_missing
+                or shadow.allow_infinity != live.allow_infinity
+            ):
                 try:
-                    rows = build_matrix(
-                        events,
+                    rows = events.matrix(
                         shadow.feature_names,
                         allow_missing=shadow.allow_missing,
                         allow_infinity=shadow.allow_infinity,

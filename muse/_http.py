@@ -42,14 +42,8 @@ from muse._errors import (
 )
 from muse._metrics import CONTENT_TYPE as METRICS_TYPE
 from muse._metrics import Metrics
-from muse._wire import (
-    JSON,
-    MSGPACK,
-    decode_body,
-    encode_body,
-    media_type,
-    parse_score_request,
-)
+from muse._events import read_score_call
+from muse._wire import JSON, MSGPACK, encode_body, media_type
 
 __all__ = ["build_app", "HttpLimits"]
 
@@ -233,15 +227,9 @@ async def _score_admitted(
         _check_declared_length(headers, limit)
         body = await _read_body(receive, limit, limits.score_body_timeout)
         unread = None
-        max_events = engine.options.max_events
-        request = parse_score_request(
-            decode_body(body, kind, max_events=max_events), max_events=max_events
-        )
-        results = await engine.score(
-            principal.tenant,
-            request.intent,
-            request.events,
-            deadline_ms=request.deadline_ms,
+        call = read_score_call(body, kind, max_events=engine.options.max_events)
+        results = await engine.score_events(
+            principal.tenant, call.intent, call.events, deadline_ms=call.deadline_ms
         )
     except _ClientGone:
         return 499

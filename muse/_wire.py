@@ -35,6 +35,7 @@ __all__ = [
     "ScoreRequest",
     "parse_score_request",
     "build_matrix",
+    "check_matrix",
 ]
 
 MSGPACK = "application/msgpack"
@@ -330,12 +331,43 @@ def build_matrix(
             ]
         rows.append(values)
     matrix = np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
+    check_matrix(
+        matrix,
+        [_label(event, row) for row, event in enumerate(events)],
+        names,
+        allow_missing=allow_missing,
+        allow_infinity=allow_infinity,
+    )
+    return matrix
+
+
+def check_matrix(
+    matrix: np.ndarray,
+    labels: Sequence[Any],
+    names: Sequence[str],
+    *,
+    allow_missing: bool,
+    allow_infinity: bool,
+) -> None:
+    """Refuse model input the model cannot take, naming the event and feature.
+
+    Args:
+        matrix: one row per event, NaN for missing.
+        labels: each event's id, or its index where it has none.
+        names: the matrix's columns.
+        allow_missing: whether the models can take a missing value.
+        allow_infinity: whether the models' libraries accept infinity.
+
+    Raises:
+        InvalidEvent: an infinite value the library refuses, a missing value
+            the model cannot take, or an event with none of the features.
+    """
     if not allow_infinity:
-        _refuse(np.isinf(matrix), events, names, "is {value!r}; this model's "
-                "library does not accept infinity")
+        _refuse(np.isinf(matrix), matrix, labels, names, "is {value!r}; this "
+                "model's library does not accept infinity")
     missing = np.isnan(matrix)
     if not allow_missing:
-        _refuse(missing, events, names, "is missing and the model "
+        _refuse(missing, matrix, labels, names, "is missing and the model "
                 "cannot take missing values")
     empty = missing.all(axis=1)
     if empty.any():
@@ -343,11 +375,10 @@ def build_matrix(
         # not a transaction: scoring it would only return the trees' prior.
         row = int(np.flatnonzero(empty)[0])
         raise InvalidEvent(
-            f"event {_label(events[row], row)} has none of the model's "
+            f"event {labels[row]} has none of the model's "
             f"features (expected {', '.join(names[:3])}, ...)",
-            event=_label(events[row], row),
+            event=labels[row],
         )
-    return matrix
 
 
 _STR = frozenset({str})
@@ -355,17 +386,21 @@ _SCORE_FIELDS = frozenset({"intent", "events", "deadline_ms"})
 _FLOAT_OR_NIL = frozenset({float, type(None)})
 
 
-def _refuse(bad: np.ndarray, events: Sequence[Any], names: list[str], problem: str) -> None:
+def _refuse(
+    bad: np.ndarray,
+    matrix: np.ndarray,
+    labels: Sequence[Any],
+    names: Sequence[str],
+    problem: str,
+) -> None:
     """Raise for the first flagged cell, naming its event and feature."""
     if not bad.any():
         return
     row, col = (int(i[0]) for i in np.nonzero(bad))
-    event = events[row]
-    value = event["features"].get(names[col])
     raise InvalidEvent(
-        f"event {_label(event, row)}: feature {names[col]!r} "
-        + problem.format(value=value),
-        event=_label(event, row),
+        f"event {labels[row]}: feature {names[col]!r} "
+        + problem.format(value=float(matrix[row, col])),
+        event=labels[row],
         feature=names[col],
     )
 

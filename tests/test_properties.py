@@ -2,7 +2,9 @@
 
 The request path: any bytes, under either media type, come out of decoding
 and validation as a request and a float matrix, or as a ``ClientError`` (a
-4xx): never another exception, and never a value silently dropped.
+4xx): never another exception, and never a value silently dropped.  The
+path is the server's own, ``read_score_call``: the compiled plain-body
+reader first, the general decoder where it declines.
 
 The transformation: posterior correction then quantile mapping is finite,
 inside [0, 1] and never decreasing, and a mapping fitted on a sample puts
@@ -25,7 +27,8 @@ from hypothesis import strategies as st
 
 from muse._errors import ClientError
 from muse._transform import DEFAULT_CURVE, QuantileMapping, posterior_correction
-from muse._wire import JSON, MSGPACK, build_matrix, decode_body, parse_score_request
+from muse._events import read_score_call
+from muse._wire import JSON, MSGPACK
 
 FEATURES = ("amount", "hour", "count")
 MAX_EVENTS = 64
@@ -50,13 +53,9 @@ def _through_the_request_path(
 ) -> np.ndarray | None:
     """Decode, validate and build the matrix; None for a ClientError."""
     try:
-        document = decode_body(body, kind, max_events=MAX_EVENTS)
-        request = parse_score_request(document, max_events=MAX_EVENTS)
-        return build_matrix(
-            request.events,
-            FEATURES,
-            allow_missing=allow_missing,
-            allow_infinity=allow_infinity,
+        call = read_score_call(body, kind, max_events=MAX_EVENTS)
+        return call.events.matrix(
+            FEATURES, allow_missing=allow_missing, allow_infinity=allow_infinity
         )
     except ClientError as exc:
         assert 400 <= exc.status < 500

@@ -1,10 +1,11 @@
-"""Score kernels: compiled (``_mapping.pyx``) or their pure-numpy twin.
+"""Score kernels: compiled (``_mapping.pyx``, ``_events.pyx``) or their twins.
 
 The compiled module is used unless ``MUSE_PURE_PYTHON=1`` is set, as
 msgpack does with ``MSGPACK_PUREPYTHON``.  ``tests/test_fast.py`` runs each
 kernel test on both and reruns ``tests/test_transform.py`` on the twin.
 If the compiled module is missing (an install that skipped the build), the
-twin is used and a warning says so: slower, same numbers.
+twin is used and a warning says so: slower, same numbers.  The twin of
+``_events.pyx`` (the plain scoring-body reader) is ``_events_reference.py``.
 
 ``IMPLEMENTATION`` names the one in use: ``"compiled"`` or ``"reference"``.
 The tree-prediction kernel (``_treepredict``) is imported directly by its
@@ -23,6 +24,7 @@ __all__ = [
     "correct_margin_into",
     "correct_posterior",
     "correct_posterior_into",
+    "read_score_body",
 ]
 
 logger = logging.getLogger("muse.fast")
@@ -39,6 +41,7 @@ if not _pure:
             correct_posterior,
             correct_posterior_into,
         )
+        from muse._fast._events import read_score_body
     except ImportError as exc:
         logger.warning(
             "compiled score kernels unavailable (%s); using the numpy twin", exc
@@ -54,5 +57,6 @@ if _pure:
         correct_posterior,
         correct_posterior_into,
     )
+    from muse._fast._events_reference import read_score_body
 
     IMPLEMENTATION = "reference"

@@ -1,0 +1,10 @@
+"""Type stub for the compiled scoring-body reader (``_events.pyx``)."""
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+def read_score_body(
+    body: bytes, max_events: int
+) -> tuple[str, float | None, list[Any], list[str], NDArray[np.float64]] | None: ...
