@@ -30,7 +30,7 @@ from typing import Any
 
 from muse._bench import _report
 from muse._bench._http1 import parse_url
-from muse._bench._muse import prepare, start_muse
+from muse._bench._muse import calibrate, prepare, start_muse
 from muse._bench._peers import default_cache
 from muse._bench._slo import SLO, SLOFileError, Verdict, evaluate, load_slos
 from muse._bench._suite import (
@@ -234,6 +234,8 @@ def _target(
         args.intent,
     )
     server.wait_ready("/readyz")
+    events = tuple(workload.events(0, min(len(workload.ids), 4096)))
+    calibrate(server.endpoint, admin_key, key, args.intent, events)
     return make_subject(
         "muse",
         server.endpoint,

@@ -2,10 +2,15 @@
 
 The bench drives MUSE only through its documented HTTP API, as a user would:
 ``python -m muse serve`` on a free loopback port, the admin key from
-``<registry>/admin.key``, then, on an empty registry, the bench model as
-``bench-xgb``, a one-node predictor ``bench`` (so the score is the model's
-own probability, comparable with the peers') routed live for every tenant
-(``*``) on the intent, and a fresh tenant whose key the load carries.
+``<registry>/admin.key``, then, on an empty registry, the full serving path:
+the bench model as ``bench-xgb``; a predictor ``bench`` of three nodes
+(model, posterior correction, quantile map) routed live for every tenant
+(``*``) on the intent; a second predictor ``bench-shadow`` of the same
+shape on the same compiled model, as the route's shadow, so every request
+also queues a shadow job; a fresh tenant whose key the load carries; and,
+once ``calibrate`` has sent some traffic, a mapping fitted for each
+predictor from its own samples.  The model is uploaded with beta 1 (it was
+trained on all rows), so posterior correction runs but changes nothing.
 """
 
 from __future__ import annotations
@@ -24,12 +29,23 @@ import msgpack
 from muse._bench._http1 import Endpoint
 from muse._bench._peers import ManagedServer, free_port, own_python_env
 
-__all__ = ["MODEL_NAME", "PREDICTOR_NAME", "prepare", "start_muse"]
+__all__ = [
+    "MODEL_NAME",
+    "PREDICTOR_NAME",
+    "SHADOW_NAME",
+    "calibrate",
+    "prepare",
+    "start_muse",
+]
 
 log = logging.getLogger("muse.bench")
 
 MODEL_NAME = "bench-xgb"
 PREDICTOR_NAME = "bench"
+SHADOW_NAME = "bench-shadow"
+# Scores each predictor needs before its mapping is fitted (the admin API's
+# default minimum sample), sent in 64-event requests.
+CALIBRATION_EVENTS = 2048
 # Model import compiles the trees to native code, which takes a while for
 # 200 trees on two busy cores.
 ADMIN_TIMEOUT_S = 300.0
@@ -168,15 +184,90 @@ def _install_model(
             "beta": 1.0,
         },
     )
-    spec = {
-        "name": PREDICTOR_NAME,
-        "nodes": [{"id": "xgb", "kind": "model", "model": model["ref"]}],
-        "output": "xgb",
-    }
-    predictor = admin.call("PUT", f"/v1/predictors/{PREDICTOR_NAME}", {"spec": spec})
+    refs = {}
+    for name in (PREDICTOR_NAME, SHADOW_NAME):
+        spec = {
+            "name": name,
+            "nodes": [
+                {"id": "xgb", "kind": "model", "model": model["ref"]},
+                {"id": "pc", "kind": "posterior_correction", "input": "xgb"},
+                {"id": "qm", "kind": "quantile_map", "input": "pc"},
+            ],
+            "output": "qm",
+        }
+        refs[name] = admin.call("PUT", f"/v1/predictors/{name}", {"spec": spec})["ref"]
     admin.call(
         "PUT",
         f"/v1/routes/*/{intent}",
-        {"live": predictor["ref"], "shadows": [], "expect_version": None},
+        {
+            "live": refs[PREDICTOR_NAME],
+            "shadows": [refs[SHADOW_NAME]],
+            "expect_version": None,
+        },
     )
-    log.info("routed %s -> %s (model %s)", intent, predictor["ref"], model["ref"])
+    log.info(
+        "routed %s -> %s, shadow %s (model %s)",
+        intent,
+        refs[PREDICTOR_NAME],
+        refs[SHADOW_NAME],
+        model["ref"],
+    )
+
+
+def calibrate(
+    endpoint: Endpoint,
+    admin_key: str,
+    tenant_key: str,
+    intent: str,
+    events: Sequence[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """Send scoring traffic, then fit each routed predictor's mapping.
+
+    Args:
+        endpoint: the running MUSE server.
+        admin_key: its admin key.
+        tenant_key: a tenant's key to score with.
+        intent: the routed intent.
+        events: MUSE events to send (cycled up to ``CALIBRATION_EVENTS``).
+
+    Returns:
+        The live predictor's fitted mapping (``to_dict`` form), or None when
+        the route is not the bench's own (a registry prepared elsewhere).
+
+    Raises:
+        RuntimeError: a call failed.
+    """
+    admin = _Admin(endpoint, admin_key)
+    try:
+        routes = admin.call("GET", "/v1/routes")
+        route = _route_for(routes, intent)
+        if route is None or not route["live"].startswith(PREDICTOR_NAME + "@"):
+            return None
+        scorer = _Admin(endpoint, tenant_key)
+        try:
+            for start in range(0, CALIBRATION_EVENTS, 64):
+                chunk = [events[(start + k) % len(events)] for k in range(64)]
+                scorer.call("POST", "/v1/score", {"intent": intent, "events": chunk})
+        finally:
+            scorer.close()
+        for shadow in route.get("shadows", []):
+            admin.call(
+                "POST",
+                "/v1/mappings/fit",
+                {"predictor": shadow, "scope": "global", "source": "shadow"},
+            )
+        fitted: dict[str, Any] = admin.call(
+            "POST",
+            "/v1/mappings/fit",
+            {"predictor": route["live"], "scope": "global", "source": "live"},
+        )
+        log.info("mappings fitted for %s and its shadows", route["live"])
+        return fitted
+    finally:
+        admin.close()
+
+
+def _route_for(routes: Any, intent: str) -> dict[str, Any] | None:
+    """The ``*`` route for ``intent`` in a ``GET /v1/routes`` answer."""
+    route = routes.get("routes", {}).get("*", {}).get(intent)
+    return route if isinstance(route, dict) else None
