@@ -19,6 +19,7 @@ takes effect, so a restarted engine comes back with the same state.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -111,7 +112,6 @@ class Engine:
         change_send, change_receive = trio.open_memory_channel[Change](CHANGE_BUFFER)
         self._live_send, self._shadow_send = live_send, shadow_send
         self._change_send = change_send
-        self.batch_sizes: list[int] = []
         self.live_scorer = Scorer(live_receive, batch_send, observe_batch=self._observe)
         self.shadow_scorer = Scorer(
             shadow_receive, batch_send.clone(), yield_to=live_receive
@@ -342,6 +342,13 @@ async def open_engine(
         registry = Registry(Path(registry))
     engine = Engine(registry, EngineOptions(**options))
     await engine.admin.load()
+    # Everything alive now (imported libraries, loaded models, the registry
+    # state) lives as long as the process.  Left to the cyclic collector, a
+    # full pass over it took 60-80 ms every few seconds under load, which was
+    # the whole p99.9 of a request; frozen, a full pass sees only what
+    # requests leave behind.  Frozen objects are still freed by reference
+    # counting; only cycles among them wait for the process to end.
+    gc.freeze()
     async with trio.open_nursery() as outer:
         # The deadline watch outlives the actors: jobs still queued at
         # shutdown can expire while the scorers drain.

@@ -14,6 +14,7 @@ Inbox: ``Change``.  The engine owns the send side and closes it at shutdown.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ class Router:
                 raise
             return
         self.serving = current.with_changes(table, change.predictors, change.mappings)
+        if change.predictors:
+            # Loaded models are long-lived: keep them out of the cyclic
+            # collector's full passes (see ``open_engine``).
+            gc.freeze()
         self._applied += 1
         if change.description:
             log.info(

@@ -274,6 +274,10 @@ class _Server:
                     ConnectionState({}),
                     guard,  # type: ignore[arg-type]
                 )
+                # Ignore: hypercorn types the attribute as its own class.
+                server.idle_task = _IdleTimer(  # type: ignore[assignment]
+                    server, self._options.keep_alive_timeout, self._context
+                )
                 await server.run()
         except Exception:
             # One connection's failure must not stop the others being served.
@@ -282,6 +286,71 @@ class _Server:
             self._slots.release()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+
+class _IdleTimer:
+    """hypercorn's keep-alive timer, without a new task for every request.
+
+    hypercorn restarts its idle timer by cancelling a task and starting
+    another, twice per request (stop when a request arrives, restart when it
+    is answered), each time under a lock: about a tenth of a single-event
+    request's CPU.  This timer has one task per connection, started on the
+    first ``restart``, that sleeps in a cancel scope whose deadline the two
+    methods move.  It closes the connection as hypercorn's would: when the
+    connection has idled ``timeout`` seconds, or when the server is stopping
+    and the connection is idle (at once, or as soon as its request is
+    answered).
+
+    Args:
+        server: the connection's hypercorn server.
+        timeout: idle seconds before the connection closes.
+        context: hypercorn's worker context (its ``terminated`` event).
+    """
+
+    def __init__(self, server: TCPServer, timeout: float, context: Any) -> None:
+        self._server = server
+        self._timeout = timeout
+        self._context = context
+        self._idle = False
+        self._stopping = False
+        self._deadline = math.inf
+        self._scope: trio.CancelScope | None = None
+        self._watching = False
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        """The connection is idle from now (``action`` is hypercorn's own)."""
+        self._idle = True
+        now = trio.current_time()
+        self._set_deadline(now if self._stopping else now + self._timeout)
+        if not self._watching:
+            self._watching = True
+            task_group._nursery.start_soon(self._watch)
+
+    async def stop(self) -> None:
+        """A request is being served: no idle timeout until it is answered."""
+        self._idle = False
+        self._set_deadline(math.inf)
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._scope is not None:
+            self._scope.deadline = deadline
+
+    async def _watch(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._deadline) as scope:
+                self._scope = scope
+                if self._stopping:
+                    await trio.sleep_forever()
+                await self._context.terminated.wait()
+                self._stopping = True
+            self._scope = None
+            if self._idle and (
+                self._stopping or trio.current_time() >= self._deadline
+            ):
+                with trio.CancelScope(shield=True):
+                    await self._server._initiate_server_close()
+                return
 
 
 class _GuardedStream(trio.abc.HalfCloseableStream):
@@ -406,9 +475,27 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
     # -- trio stream interface ------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        deadline = math.inf
         if not self._active and self._head_started is not None:
-            deadline = self._head_started + self._header_timeout
+            data = await self._receive_head(max_bytes)
+        else:
+            # No head is being timed (a request is in progress, or the
+            # connection idles under hypercorn's keep-alive timer): a plain
+            # read, without the cost of a cancel scope.
+            try:
+                data = await self._stream.receive_some(max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._client_gone()
+                raise
+        if not data:
+            self._client_gone()
+        elif not self._active and self._head_started is None:
+            self._head_started = trio.current_time()
+        return data
+
+    async def _receive_head(self, max_bytes: int | None) -> bytes | bytearray:
+        """A read while a request head is due, under the header deadline."""
+        assert self._head_started is not None
+        deadline = self._head_started + self._header_timeout
         try:
             with trio.CancelScope(deadline=deadline) as reading:
                 self._read_scope = reading
@@ -422,10 +509,6 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
             log.debug("request head not complete in %g s", self._header_timeout)
             self._end()
             raise trio.TooSlowError()  # hypercorn closes the connection
-        if not data:
-            self._client_gone()
-        elif not self._active and self._head_started is None:
-            self._head_started = trio.current_time()
         return data
 
     def _client_gone(self) -> None:
@@ -443,8 +526,17 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
             # request must ask for its body again.
             self._held_continue = None
             self._body_wanted = False
-        async with self._send_lock:
+        if self._send_lock.locked():
+            async with self._send_lock:
+                await self._stream.send_all(data)
+            return
+        # Uncontended (nearly always): take the lock without the two
+        # scheduler checkpoints ``async with`` adds; send_all is one itself.
+        self._send_lock.acquire_nowait()
+        try:
             await self._stream.send_all(data)
+        finally:
+            self._send_lock.release()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()

@@ -25,6 +25,7 @@ import msgpack
 import numpy as np
 
 from muse._errors import BadRequest, InvalidEvent, PayloadTooLarge, UnsupportedMediaType
+from muse._fast import HAS_EMPTY_ROW, HAS_INFINITY, HAS_MISSING, matrix_flags
 
 __all__ = [
     "MSGPACK",
@@ -362,11 +363,14 @@ def check_matrix(
         InvalidEvent: an infinite value the library refuses, a missing value
             the model cannot take, or an event with none of the features.
     """
-    if not allow_infinity:
+    flags = matrix_flags(matrix)
+    if not flags & _REFUSED[allow_missing, allow_infinity]:
+        return
+    if not allow_infinity and flags & HAS_INFINITY:
         _refuse(np.isinf(matrix), matrix, labels, names, "is {value!r}; this "
                 "model's library does not accept infinity")
     missing = np.isnan(matrix)
-    if not allow_missing:
+    if not allow_missing and flags & HAS_MISSING:
         _refuse(missing, matrix, labels, names, "is missing and the model "
                 "cannot take missing values")
     empty = missing.all(axis=1)
@@ -382,6 +386,14 @@ def check_matrix(
 
 
 _STR = frozenset({str})
+# The ``matrix_flags`` bits that refuse a matrix, by (allow_missing,
+# allow_infinity): an empty row always does.
+_REFUSED = {
+    (True, True): HAS_EMPTY_ROW,
+    (True, False): HAS_EMPTY_ROW | HAS_INFINITY,
+    (False, True): HAS_EMPTY_ROW | HAS_MISSING,
+    (False, False): HAS_EMPTY_ROW | HAS_MISSING | HAS_INFINITY,
+}
 _SCORE_FIELDS = frozenset({"intent", "events", "deadline_ms"})
 _FLOAT_OR_NIL = frozenset({float, type(None)})
 

@@ -364,3 +364,41 @@ def test_reader_agrees_with_the_general_path_on_any_document(
         assert reader(body, MAX_EVENTS) is None
         return
     _assert_same(reader, body)
+
+
+# -- matrix flags -------------------------------------------------------------------
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def flags_of(request: pytest.FixtureRequest) -> Callable[[np.ndarray], int]:
+    if request.param == "reference":
+        return _events_reference.matrix_flags  # type: ignore[no-any-return]
+    if _compiled is None:
+        pytest.skip("muse._fast._events is not built (pip install -e .)")
+    return _compiled.matrix_flags  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("rows", "want"),
+    [
+        ([[1.0, 2.0], [3.0, 4.0]], 0),
+        ([[1.0, math.inf]], _events_reference.HAS_INFINITY),
+        ([[-math.inf, math.nan]], 1 | 2),
+        ([[1.0, math.nan], [2.0, 3.0]], _events_reference.HAS_MISSING),
+        ([[1.0, 2.0], [math.nan, math.nan]], 2 | 4),
+        ([[math.nan]], 2 | 4),
+        ([[1e308, -1e308, 5e-324, -0.0]], 0),
+    ],
+)
+def test_matrix_flags_name_what_a_model_may_refuse(
+    flags_of: Callable[[np.ndarray], int], rows: list[list[float]], want: int
+) -> None:
+    assert flags_of(np.array(rows)) == want
+
+
+def test_matrix_flags_refuse_other_layouts(
+    flags_of: Callable[[np.ndarray], int],
+) -> None:
+    for bad in [np.zeros((2, 2), np.float32), np.zeros(3), np.zeros((3, 2)).T]:
+        with pytest.raises(ValueError, match="C-contiguous float64 2-D"):
+            flags_of(bad)

@@ -24,6 +24,10 @@ __all__ = [
     "correct_margin_into",
     "correct_posterior",
     "correct_posterior_into",
+    "HAS_EMPTY_ROW",
+    "HAS_INFINITY",
+    "HAS_MISSING",
+    "matrix_flags",
     "read_score_body",
 ]
 
@@ -41,7 +45,13 @@ if not _pure:
             correct_posterior,
             correct_posterior_into,
         )
-        from muse._fast._events import read_score_body
+        from muse._fast._events import (
+            HAS_EMPTY_ROW,
+            HAS_INFINITY,
+            HAS_MISSING,
+            matrix_flags,
+            read_score_body,
+        )
     except ImportError as exc:
         logger.warning(
             "compiled score kernels unavailable (%s); using the numpy twin", exc
@@ -57,6 +67,12 @@ if _pure:
         correct_posterior,
         correct_posterior_into,
     )
-    from muse._fast._events_reference import read_score_body
+    from muse._fast._events_reference import (
+        HAS_EMPTY_ROW,
+        HAS_INFINITY,
+        HAS_MISSING,
+        matrix_flags,
+        read_score_body,
+    )
 
     IMPLEMENTATION = "reference"

@@ -8,3 +8,9 @@ from numpy.typing import NDArray
 def read_score_body(
     body: bytes, max_events: int
 ) -> tuple[str, float | None, list[Any], list[str], NDArray[np.float64]] | None: ...
+
+HAS_INFINITY: int
+HAS_MISSING: int
+HAS_EMPTY_ROW: int
+
+def matrix_flags(matrix: NDArray[np.float64]) -> int: ...

@@ -469,3 +469,53 @@ cdef object _to_array(_Table table):
         memcpy(dst + row * table.used, table.cells + row * table.width,
                table.used * sizeof(double))
     return out
+
+
+# -- checks on model input ------------------------------------------------------
+
+# ``matrix_flags`` bits.
+cdef enum:
+    _INFINITY = 1
+    _MISSING = 2
+    _EMPTY_ROW = 4
+
+HAS_INFINITY = _INFINITY
+HAS_MISSING = _MISSING
+HAS_EMPTY_ROW = _EMPTY_ROW
+
+
+def matrix_flags(cnp.ndarray matrix not None):
+    """What a C-contiguous float64 2-D matrix holds that a model may refuse.
+
+    Returns:
+        ``HAS_INFINITY | HAS_MISSING | HAS_EMPTY_ROW`` bits: some value is
+        infinite, some is NaN, some row is NaN throughout.  One pass, where
+        numpy needs five calls; the caller looks for the culprit only when
+        a bit is set.
+    """
+    if (
+        cnp.PyArray_TYPE(matrix) != cnp.NPY_DOUBLE
+        or cnp.PyArray_NDIM(matrix) != 2
+        or not cnp.PyArray_IS_C_CONTIGUOUS(matrix)
+    ):
+        raise ValueError("expected a C-contiguous float64 2-D array")
+    cdef const double* cells = <const double*>cnp.PyArray_DATA(matrix)
+    cdef Py_ssize_t rows = cnp.PyArray_DIM(matrix, 0)
+    cdef Py_ssize_t cols = cnp.PyArray_DIM(matrix, 1)
+    cdef Py_ssize_t row, col, present
+    cdef double value
+    cdef int flags = 0
+    with nogil:
+        for row in range(rows):
+            present = 0
+            for col in range(cols):
+                value = cells[row * cols + col]
+                if value != value:
+                    flags |= _MISSING
+                else:
+                    present += 1
+                    if value - value != 0:  # only infinities give NaN here
+                        flags |= _INFINITY
+            if present == 0:
+                flags |= _EMPTY_ROW
+    return flags

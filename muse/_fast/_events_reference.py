@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-__all__ = ["read_score_body"]
+__all__ = ["HAS_EMPTY_ROW", "HAS_INFINITY", "HAS_MISSING", "matrix_flags", "read_score_body"]
 
 _MAX_NAMES = 256
 _MAX_EXACT_INT = 2**53
@@ -110,3 +110,25 @@ def _pairs(value: Any, allowed: frozenset[str]) -> dict[str, Any] | None:
             return None
         fields[key] = item
     return fields
+
+
+HAS_INFINITY = 1
+HAS_MISSING = 2
+HAS_EMPTY_ROW = 4
+
+
+def matrix_flags(matrix: np.ndarray) -> int:
+    """What a float64 matrix holds that a model may refuse (see ``_events.pyx``)."""
+    if (
+        matrix.dtype != np.float64
+        or matrix.ndim != 2
+        or not matrix.flags.c_contiguous
+    ):
+        raise ValueError("expected a C-contiguous float64 2-D array")
+    missing = np.isnan(matrix)
+    flags = HAS_INFINITY if np.isinf(matrix).any() else 0
+    if missing.any():
+        flags |= HAS_MISSING
+    if missing.all(axis=1).any():
+        flags |= HAS_EMPTY_ROW
+    return flags
