@@ -3,7 +3,8 @@
 A scoring request reaches the engine in one of two forms:
 
 - ``DecodedEvents``: events as Python mappings, from an embedding
-  application, a JSON body, or a msgpack body of unusual shape;
+  application, a JSON body, or a msgpack body of unusual shape (plain dicts
+  are read by the compiled ``read_event_dicts``);
 - ``PackedEvents``: a table read straight from a plain msgpack body by the
   compiled reader in ``muse/_fast/_events.pyx`` (nearly every request).
 
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from muse._fast import read_score_body
+from muse._fast import read_event_dicts, read_score_body
 from muse._wire import (
     MSGPACK,
     build_matrix,
@@ -68,18 +69,26 @@ class EventBatch(Protocol):
 
 
 class DecodedEvents:
-    """Events as mappings: ``{"id": ..., "features": {name: value}}`` each."""
+    """Events as mappings: ``{"id": ..., "features": {name: value}}`` each.
 
-    __slots__ = ("_events",)
+    Plain events (dicts of floats, nil and exact integers) are read by the
+    compiled ``read_event_dicts``; anything else goes through
+    ``build_matrix``, which coerces or refuses it value by value.
+    """
+
+    __slots__ = ("_events", "_labels")
 
     def __init__(self, events: Sequence[Mapping[str, Any]]) -> None:
         self._events = events
+        self._labels: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self._events)
 
     def labels(self) -> list[Any]:
-        return event_ids(self._events)
+        if self._labels is None:
+            self._labels = event_ids(self._events)
+        return self._labels
 
     def matrix(
         self,
@@ -88,12 +97,24 @@ class DecodedEvents:
         allow_missing: bool = True,
         allow_infinity: bool = False,
     ) -> np.ndarray:
-        return build_matrix(
-            self._events,
-            feature_names,
+        names = tuple(feature_names)
+        plain = read_event_dicts(self._events, names)
+        if plain is None:
+            return build_matrix(
+                self._events,
+                names,
+                allow_missing=allow_missing,
+                allow_infinity=allow_infinity,
+            )
+        self._labels, matrix = plain
+        check_matrix(
+            matrix,
+            self._labels,
+            names,
             allow_missing=allow_missing,
             allow_infinity=allow_infinity,
         )
+        return matrix
 
 
 class PackedEvents:

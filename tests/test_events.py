@@ -1,9 +1,11 @@
-"""The plain-body reader (compiled and twin) against the general decoder.
+"""The compiled event readers (and their twins) against the general path.
 
 ``read_score_body`` may decline any body (the general path then decides),
 but a body it accepts must give exactly what the general path gives: the
 same intent, deadline, labels, matrix, and the same refusal with the same
-message.  Every test runs on the compiled reader and its pure-Python twin.
+message.  ``read_event_dicts`` is held to ``build_matrix`` the same way,
+and ``matrix_flags`` to numpy.  Every test runs on the compiled module and
+its pure-Python twin.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from hypothesis import strategies as st
 from muse._errors import ClientError, InvalidEvent
 from muse._events import DecodedEvents, PackedEvents, read_score_call
 from muse._fast import _events_reference
-from muse._wire import MSGPACK, decode_body, parse_score_request
+from muse._wire import (
+    MSGPACK,
+    build_matrix,
+    decode_body,
+    event_ids,
+    parse_score_request,
+)
 
 _compiled: Any
 try:
@@ -402,3 +410,107 @@ def test_matrix_flags_refuse_other_layouts(
     for bad in [np.zeros((2, 2), np.float32), np.zeros(3), np.zeros((3, 2)).T]:
         with pytest.raises(ValueError, match="C-contiguous float64 2-D"):
             flags_of(bad)
+
+
+# -- events already decoded -----------------------------------------------------------
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def dict_reader(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    if request.param == "reference":
+        return _events_reference.read_event_dicts  # type: ignore[no-any-return]
+    if _compiled is None:
+        pytest.skip("muse._fast._events is not built (pip install -e .)")
+    return _compiled.read_event_dicts  # type: ignore[no-any-return]
+
+
+def _decoded_events(document: dict[str, Any]) -> Any:
+    # The events as an embedding application would pass them.
+    return msgpack.unpackb(_pack(document), raw=False, strict_map_key=False)["events"]
+
+
+def _build_outcome(events: Any, flags: tuple[bool, bool]) -> Any:
+    try:
+        return build_matrix(
+            events, FEATURES, allow_missing=flags[0], allow_infinity=flags[1]
+        ).tolist()
+    except ClientError as exc:
+        return type(exc), str(exc)
+
+
+def _assert_dicts_match(reader: Callable[..., Any], events: Any) -> bool:
+    """Compare ``read_event_dicts`` with ``build_matrix``; False if declined."""
+    plain = reader(events, FEATURES)
+    if plain is None:
+        return False
+    labels, matrix = plain
+    assert labels == event_ids(events)
+    assert [type(label) for label in labels] == [type(i) for i in event_ids(events)]
+    for row, event in zip(matrix, events, strict=True):
+        for value, name in zip(row, FEATURES, strict=True):
+            given = event["features"].get(name)
+            assert (math.isnan(value) and (given is None or given != given)) or (
+                value == given
+            )
+    for flags in [(True, True), (True, False), (False, True), (False, False)]:
+        got = _outcome(DecodedEvents(events), flags)
+        assert _nan_safe(got) == _nan_safe(_build_outcome(events, flags))
+    return True
+
+
+@pytest.mark.parametrize("document", PLAIN)
+def test_dict_reader_accepts_plain_events_and_matches_build_matrix(
+    dict_reader: Callable[..., Any], document: dict[str, Any]
+) -> None:
+    assert _assert_dicts_match(dict_reader, _decoded_events(document))
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        "not a list",
+        [[1.0]],
+        [{"features": [1.0]}],
+        [{"id": 1.5, "features": {"amount": 1.0}}],
+        [{1: 0, "features": {"amount": 1.0}}],
+        [{"features": {"amount": 1.0, 2: 3.0}}],
+        [{"features": {"amount": True}}],
+        [{"features": {"amount": "1"}}],
+        [{"features": {"amount": 2**53 + 1}}],
+        [{"features": {"amount": 2**70}}],
+        [{"features": {"amount": np.float64(1.0)}}],
+    ],
+)
+def test_dict_reader_declines_what_build_matrix_must_judge(
+    dict_reader: Callable[..., Any], events: Any
+) -> None:
+    assert dict_reader(events, FEATURES) is None
+
+
+def test_dict_reader_ignores_values_under_unused_names(
+    dict_reader: Callable[..., Any],
+) -> None:
+    events = [{"id": "a", "features": {"amount": 1, "note": "text", "x": [1]}}]
+
+    assert _assert_dicts_match(dict_reader, events)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+@given(document=_documents)
+def test_dict_reader_agrees_with_build_matrix_on_any_events(
+    dict_reader: Callable[..., Any], document: dict[str, Any]
+) -> None:
+    events = _decoded_events(document)
+    if not _assert_dicts_match(dict_reader, events):
+        # Declined: the general path alone decides, as before.
+        for flags in [(True, False), (False, False)]:
+            got = _outcome(DecodedEvents(events), flags)
+            assert _nan_safe(got) == _nan_safe(_build_outcome(events, flags))

@@ -28,6 +28,7 @@ __all__ = [
     "HAS_INFINITY",
     "HAS_MISSING",
     "matrix_flags",
+    "read_event_dicts",
     "read_score_body",
 ]
 
@@ -50,6 +51,7 @@ if not _pure:
             HAS_INFINITY,
             HAS_MISSING,
             matrix_flags,
+            read_event_dicts,
             read_score_body,
         )
     except ImportError as exc:
@@ -72,6 +74,7 @@ if _pure:
         HAS_INFINITY,
         HAS_MISSING,
         matrix_flags,
+        read_event_dicts,
         read_score_body,
     )
 

@@ -14,3 +14,6 @@ HAS_MISSING: int
 HAS_EMPTY_ROW: int
 
 def matrix_flags(matrix: NDArray[np.float64]) -> int: ...
+def read_event_dicts(
+    events: Any, names: tuple[str, ...]
+) -> tuple[list[Any], NDArray[np.float64]] | None: ...

@@ -17,10 +17,18 @@ the body the general way, which accepts or refuses it with a message that
 names the fault.  Returning None is therefore always safe; accepting is
 only allowed where the general path would give the same values.
 
-``_events_reference.py`` is the pure-Python twin.
+``read_event_dicts`` is the same idea for events that are already Python
+mappings (an application embedding the engine): values are read straight
+into the matrix, and anything ``build_matrix`` would refuse or coerce
+returns None for it to handle.  ``matrix_flags`` checks model input in one
+pass.  ``_events_reference.py`` is the pure-Python twin of all three.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem, PyDict_Next
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.object cimport PyObject
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.math cimport NAN, isfinite
@@ -519,3 +527,72 @@ def matrix_flags(cnp.ndarray matrix not None):
             if present == 0:
                 flags |= _EMPTY_ROW
     return flags
+
+
+# -- events already decoded ----------------------------------------------------------
+
+
+def read_event_dicts(events, tuple names not None):
+    """Model input from events that are Python dicts, or None.
+
+    Args:
+        events: a list or tuple of ``{"id": ..., "features": {...}}`` dicts.
+        names: the feature names, in the model's column order.
+
+    Returns:
+        ``(labels, matrix)``: each event's id (its index where it has none or
+        nil) and a float64 matrix with NaN for absent, nil and NaN values.
+        None when any event is not of the plain shape (a dict with string
+        keys whose ``features`` is a dict with string keys, an id that is a
+        string, an integer or nil, and a float, nil or exactly representable
+        integer under each of ``names``): ``build_matrix`` then decides.
+    """
+    if type(events) is not list and type(events) is not tuple:
+        return None
+    cdef Py_ssize_t count = len(events), width = len(names)
+    cdef Py_ssize_t row, col, pos
+    cdef PyObject* key
+    cdef PyObject* item
+    cdef PyObject* found
+    cdef int overflow
+    cdef long long whole
+    cdef cnp.ndarray out = np.empty((count, width), dtype=np.float64)
+    cdef double* cells = <double*>cnp.PyArray_DATA(out)
+    labels = []
+    for row in range(count):
+        event = events[row]
+        if type(event) is not dict:
+            return None
+        pos = 0
+        while PyDict_Next(event, &pos, &key, &item):
+            if type(<object>key) is not str:
+                return None
+        label = row
+        found = PyDict_GetItem(event, "id")
+        if found != NULL and <object>found is not None:
+            if type(<object>found) is not str and type(<object>found) is not int:
+                return None
+            label = <object>found
+        found = PyDict_GetItem(event, "features")
+        if found == NULL or type(<object>found) is not dict:
+            return None
+        features = <object>found
+        pos = 0
+        while PyDict_Next(features, &pos, &key, &item):
+            if type(<object>key) is not str:
+                return None
+        for col in range(width):
+            found = PyDict_GetItem(features, names[col])
+            if found == NULL or <object>found is None:
+                cells[row * width + col] = NAN
+            elif type(<object>found) is float:
+                cells[row * width + col] = PyFloat_AS_DOUBLE(<object>found)
+            elif type(<object>found) is int:
+                whole = PyLong_AsLongLongAndOverflow(<object>found, &overflow)
+                if overflow or whole > MAX_EXACT_INT or whole < -MAX_EXACT_INT:
+                    return None
+                cells[row * width + col] = <double>whole
+            else:
+                return None
+        labels.append(label)
+    return labels, out

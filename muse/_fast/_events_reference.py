@@ -16,7 +16,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-__all__ = ["HAS_EMPTY_ROW", "HAS_INFINITY", "HAS_MISSING", "matrix_flags", "read_score_body"]
+__all__ = [
+    "HAS_EMPTY_ROW",
+    "HAS_INFINITY",
+    "HAS_MISSING",
+    "matrix_flags",
+    "read_event_dicts",
+    "read_score_body",
+]
 
 _MAX_NAMES = 256
 _MAX_EXACT_INT = 2**53
@@ -132,3 +139,38 @@ def matrix_flags(matrix: np.ndarray) -> int:
     if missing.all(axis=1).any():
         flags |= HAS_EMPTY_ROW
     return flags
+
+
+def read_event_dicts(
+    events: Any, names: tuple[str, ...]
+) -> tuple[list[Any], np.ndarray] | None:
+    """Model input from plain event dicts, or None (see ``_events.pyx``)."""
+    if type(events) not in (list, tuple):
+        return None
+    labels: list[Any] = []
+    rows: list[list[float]] = []
+    for row, event in enumerate(events):
+        if type(event) is not dict or any(type(k) is not str for k in event):
+            return None
+        label = event.get("id")
+        if label is None:
+            label = row
+        elif type(label) not in (str, int):
+            return None
+        features = event.get("features")
+        if type(features) is not dict or any(type(k) is not str for k in features):
+            return None
+        values = []
+        for name in names:
+            value = features.get(name)
+            if value is None:
+                values.append(math.nan)
+            elif type(value) is float:
+                values.append(value)
+            elif type(value) is int and abs(value) <= _MAX_EXACT_INT:
+                values.append(float(value))
+            else:
+                return None
+        labels.append(label)
+        rows.append(values)
+    return labels, np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
