@@ -126,14 +126,13 @@ class PackedEvents:
         values: float64, shape (events, names), NaN where absent or nil.
     """
 
-    __slots__ = ("_labels", "_names", "_columns", "_values", "_cache")
+    __slots__ = ("_labels", "_names", "_values", "_cache")
 
     def __init__(
         self, labels: list[Any], names: list[str], values: np.ndarray
     ) -> None:
         self._labels = labels
-        self._names = names
-        self._columns = {name: col for col, name in enumerate(names)}
+        self._names = tuple(names)
         self._values = values
         # A live predictor and its shadows usually share one feature list.
         self._cache: tuple[tuple[str, ...], np.ndarray] | None = None
@@ -167,13 +166,13 @@ class PackedEvents:
         return selected
 
     def _select(self, names: tuple[str, ...]) -> np.ndarray:
-        if len(names) == len(self._names) and all(
-            a == b for a, b in zip(names, self._names)
-        ):
+        if names == self._names:
+            # The client sent the model's features in the model's order.
             return self._values
+        columns = {name: col for col, name in enumerate(self._names)}
         out = np.full((len(self._labels), len(names)), np.nan)
         for col, name in enumerate(names):
-            source = self._columns.get(name)
+            source = columns.get(name)
             if source is not None:
                 out[:, col] = self._values[:, source]
         return out
