@@ -365,7 +365,10 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
       answered (several under HTTP/2), ``_running`` counts application calls
       still running, answered or not;
     - ``100 Continue``: ``_held_continue`` is hypercorn's interim response,
-      held until ``_body_wanted`` says the application asked for the body.
+      held until ``_body_wanted`` says the application asked for the body;
+    - the response head: hypercorn writes head, body and an empty end of
+      message separately; ``_held_head`` keeps the application's head until
+      its body comes, so a response is one write (and one system call).
 
     The connection ends (its task is cancelled) once it is over, meaning
     closed by hypercorn, left by the client or timed out, and no application
@@ -395,6 +398,9 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         self._send_lock = trio.Lock()
         self._held_continue: bytes | None = None
         self._body_wanted = False
+        # A response head waiting to go out with its body, in one write.
+        self._hold_head = False
+        self._held_head: bytes | None = None
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -435,14 +441,31 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
 
     def _track(self, send: Send, request: trio.CancelScope) -> Send:
         async def tracked(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.body" and not message.get(
-                "more_body", False
-            ):
+            kind = message["type"]
+            if kind == "http.response.start":
+                # hypercorn writes the head at once; hold it for the body.
+                self._hold_head = True
+                await send(message)
+                return
+            if kind == "http.response.body" and not message.get("more_body", False):
                 # Answered: a client that leaves from now on loses nothing.
                 self._active.discard(request)
+                try:
+                    await send(message)
+                finally:
+                    await self._flush_head()
+                return
             await send(message)
 
         return tracked
+
+    async def _flush_head(self) -> None:
+        """Write a held response head that no body followed (an empty body)."""
+        self._hold_head = False
+        held, self._held_head = self._held_head, None
+        if held is not None:
+            with trio.CancelScope(shield=True):
+                await self._send(held)
 
     def _gate(self, receive: Receive) -> Receive:
         first = True
@@ -526,6 +549,21 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
             # request must ask for its body again.
             self._held_continue = None
             self._body_wanted = False
+            if self._hold_head:
+                # The head of the application's response: it goes out with
+                # the first body bytes, one write instead of two.
+                self._hold_head = False
+                self._held_head = bytes(data)
+                return
+            if self._held_head is not None:
+                data = self._held_head + data
+                self._held_head = None
+            elif not data:
+                # h11 ends a Content-Length body with no bytes at all.
+                return
+        await self._send(data)
+
+    async def _send(self, data: bytes | bytearray | memoryview) -> None:
         if self._send_lock.locked():
             async with self._send_lock:
                 await self._stream.send_all(data)
