@@ -208,7 +208,12 @@ class Engine:
 
     async def _wait(self, job: Job, deadline_ms: float | None) -> None:
         job.budget_ms = deadline_ms or self.options.deadline_ms
-        self.deadlines.watch(trio.current_time() + job.budget_ms / 1000.0, job)
+        # The default budget's deadlines fall in call order: the cheap queue.
+        self.deadlines.watch(
+            trio.current_time() + job.budget_ms / 1000.0,
+            job,
+            in_order=deadline_ms is None,
+        )
         try:
             await job.wait_done()
         finally:
