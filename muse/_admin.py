@@ -132,9 +132,10 @@ class Admin:
                 name=name,
             )
         )
-        # The same bytes with another beta are another model: beta is part
-        # of the transformation, not of the trees.
-        model = self._models.setdefault((model.digest, model.beta), model)
+        # The same bytes with another beta, or other feature names, are
+        # another model: beta is part of the transformation, and the names
+        # say which request field feeds which column.
+        model = self._models.setdefault(_identity(model), model)
         meta = {
             "format": model.format,
             "feature_names": list(model.feature_names),
@@ -156,7 +157,9 @@ class Admin:
     async def _model(self, ref: str) -> Any:
         record = await trio.to_thread.run_sync(self._registry.get_model, ref)
         meta = record.meta
-        found = self._models.get((meta["digest"], meta["beta"]))
+        found = self._models.get(
+            (meta["digest"], meta["beta"], tuple(meta["feature_names"]))
+        )
         if found is not None:
             return found
         model = await trio.to_thread.run_sync(
@@ -170,7 +173,7 @@ class Admin:
                 name=meta["name"],
             )
         )
-        return self._models.setdefault((model.digest, model.beta), model)
+        return self._models.setdefault(_identity(model), model)
 
     async def _load_predictor(self, ref: str) -> LoadedPredictor:
         loaded = self._router.serving.predictors.get(ref)
@@ -444,6 +447,11 @@ class Admin:
         ]
         base = item if isinstance(item, dict) else {"ref": ref}
         return {**base, "roles": roles, "loaded": ref in serving.predictors}
+
+
+def _identity(model: Any) -> tuple[str, float, tuple[str, ...]]:
+    """What makes two loaded models the same one, to load it once."""
+    return model.digest, model.beta, tuple(model.feature_names)
 
 
 def _model_refs(spec: Mapping[str, Any]) -> list[str]:

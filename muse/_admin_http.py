@@ -31,13 +31,18 @@ def build_admin_app(engine: Any, max_body: int) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = max_body
     admin = engine.admin
 
-    def view(rule: str, methods: list[str], status: int = 200) -> Callable[[Any], Any]:
+    def view(
+        rule: str, methods: list[str], status: int = 200, fields: str = ""
+    ) -> Callable[[Any], Any]:
+        allowed = frozenset(fields.split())
+
         def register(handler: Callable[..., Any]) -> Callable[..., Any]:
             async def endpoint(**params: Any) -> Response:
                 engine.authenticate(
                     request.headers.get("authorization")
                 ).require_admin()
                 body = await _body() if request.method in ("PUT", "POST") else {}
+                _known_fields(body, allowed)
                 result = await handler(body, **params)
                 return _reply(result, status)
 
@@ -47,7 +52,7 @@ def build_admin_app(engine: Any, max_body: int) -> QuartTrio:
 
         return register
 
-    @view("/v1/models/<name>", ["PUT"], 201)
+    @view("/v1/models/<name>", ["PUT"], 201, "data format feature_names beta golden")
     async def put_model(body: dict[str, Any], name: str) -> Any:
         data = body.get("data")
         if isinstance(data, str):  # JSON clients send base64
@@ -66,11 +71,11 @@ def build_admin_app(engine: Any, max_body: int) -> QuartTrio:
             golden=body.get("golden"),
         )
 
-    @view("/v1/predictors/<name>", ["PUT"], 201)
+    @view("/v1/predictors/<name>", ["PUT"], 201, "spec")
     async def put_predictor(body: dict[str, Any], name: str) -> Any:
         return await admin.put_predictor(name, _field(body, "spec", dict))
 
-    @view("/v1/routes/<tenant>/<intent>", ["PUT"])
+    @view("/v1/routes/<tenant>/<intent>", ["PUT"], 200, "live shadows expect_version")
     async def put_route(body: dict[str, Any], tenant: str, intent: str) -> Any:
         shadows = _optional(body, "shadows", list) or []
         if not all(isinstance(s, str) for s in shadows):
@@ -87,7 +92,7 @@ def build_admin_app(engine: Any, max_body: int) -> QuartTrio:
     async def delete_route(body: dict[str, Any], tenant: str, intent: str) -> Any:
         return await admin.delete_route(tenant, intent, expect_version=None)
 
-    @view("/v1/routes/<tenant>/<intent>/promote", ["POST"])
+    @view("/v1/routes/<tenant>/<intent>/promote", ["POST"], 200, "version expect_version")
     async def promote(body: dict[str, Any], tenant: str, intent: str) -> Any:
         return await admin.promote(
             tenant,
@@ -96,13 +101,18 @@ def build_admin_app(engine: Any, max_body: int) -> QuartTrio:
             expect_version=_optional(body, "expect_version", int),
         )
 
-    @view("/v1/routes/<tenant>/<intent>/rollback", ["POST"])
+    @view("/v1/routes/<tenant>/<intent>/rollback", ["POST"], 200, "expect_version")
     async def rollback(body: dict[str, Any], tenant: str, intent: str) -> Any:
         return await admin.rollback(
             tenant, intent, expect_version=_optional(body, "expect_version", int)
         )
 
-    @view("/v1/mappings/fit", ["POST"], 201)
+    @view(
+        "/v1/mappings/fit",
+        ["POST"],
+        201,
+        "predictor scope source curve min_sample",
+    )
     async def fit_mapping(body: dict[str, Any]) -> Any:
         return await admin.fit_mapping(
             _field(body, "predictor", str),
@@ -188,6 +198,19 @@ def _beta(body: dict[str, Any]) -> float:
     # 0 is a value to refuse, not an absent one: test for None, not falsiness.
     beta = _optional(body, "beta", (int, float))
     return 1.0 if beta is None else float(beta)
+
+
+def _known_fields(body: Any, allowed: frozenset[str]) -> None:
+    # A misspelt option ('Beta', 'shadow') would otherwise be dropped and
+    # its default used, with a 201 that says nothing.
+    if not isinstance(body, dict):
+        return
+    unknown = sorted(str(k)[:40] for k in body if k not in allowed)
+    if unknown:
+        expected = ", ".join(sorted(allowed)) if allowed else "no body"
+        raise BadRequest(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; expected {expected}"
+        )
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:

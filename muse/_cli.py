@@ -1,7 +1,8 @@
 """The ``muse`` command: serve, demo, evaluate, bench.
 
-Configuration is resolved here, once: command-line flags over a TOML file
-over defaults.  Each component then gets only the values it uses.
+Configuration is resolved once, at start (``_config.py``): command-line
+flags over a TOML file over defaults.  Each component then gets only the
+values it uses.
 """
 
 from __future__ import annotations
@@ -9,15 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
 
 log = logging.getLogger("muse.cli")
-
-DEFAULT_REGISTRY = "./muse-registry"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,44 +54,18 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
-    from muse._http import HttpLimits
-    from muse._quota import QuotaPolicy
-    from muse._server import ServerOptions, serve
+    from muse._config import ConfigError, load_settings
+    from muse._server import serve
 
-    config = _read_config(args.config)
-    server = config.get("server", {})
-    engine = dict(config.get("engine", {}))
-    quotas = config.get("quotas", {})
-    if quotas:
-        engine["quotas"] = {
-            tenant: QuotaPolicy(float(q["rate"]), float(q.get("burst", q["rate"])))
-            for tenant, q in quotas.items()
-        }
-    defaults = HttpLimits()
-    limits = HttpLimits(
-        score_body=int(server.pop("score_body_limit", defaults.score_body)),
-        admin_body=int(server.pop("admin_body_limit", defaults.admin_body)),
-        score_body_timeout=float(
-            server.pop("score_body_timeout", defaults.score_body_timeout)
-        ),
-        admin_body_timeout=float(
-            server.pop("admin_body_timeout", defaults.admin_body_timeout)
-        ),
-    )
-    registry = args.registry or config.get("registry") or DEFAULT_REGISTRY
-    options = ServerOptions(
-        bind=args.bind or server.pop("bind", "127.0.0.1:8000"), limits=limits, **server
-    )
-    log.info("configuration: registry=%s bind=%s engine=%s", registry, options.bind, engine)
-    trio.run(serve, registry, options, engine)
-    return 0
-
-
-def _read_config(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SystemExit(f"cannot read configuration {path}: {exc}") from exc
+        settings = load_settings(args.config, registry=args.registry, bind=args.bind)
+    except ConfigError as exc:
+        raise SystemExit(f"muse serve: {exc}") from None
+    log.info(
+        "configuration: registry=%s bind=%s engine=%s",
+        settings.registry,
+        settings.server.bind,
+        settings.engine,
+    )
+    trio.run(serve, settings.registry, settings.server, settings.engine)
+    return 0

@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+# Longest error detail sent to a client.
+MAX_DETAIL = 1000
+
+
 class MuseError(Exception):
     """Base of every error MUSE raises on purpose."""
 
@@ -51,8 +55,15 @@ class MuseError(Exception):
         self.detail = detail
 
     def to_body(self) -> dict[str, str]:
-        """The error as a response body: ``{"error": code, "detail": text}``."""
-        return {"error": self.code, "detail": self.detail}
+        """The error as a response body: ``{"error": code, "detail": text}``.
+
+        The detail is cut at ``MAX_DETAIL`` characters: it may quote what
+        the client sent, and a megabyte intent need not come back whole.
+        """
+        detail = self.detail
+        if len(detail) > MAX_DETAIL:
+            detail = detail[:MAX_DETAIL] + f"... ({len(detail)} characters)"
+        return {"error": self.code, "detail": detail}
 
 
 class ClientError(MuseError):

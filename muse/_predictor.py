@@ -582,7 +582,8 @@ def _check_top_level(spec: dict[str, Any]) -> tuple[str, str, list[dict[str, Any
 
 def _check_node(raw: dict[str, Any]) -> _Node:
     node_id, kind = raw["id"], raw.get("kind")
-    if kind not in _NODE_FIELDS:
+    # A list or map as the kind is unhashable: test the type first.
+    if not isinstance(kind, str) or kind not in _NODE_FIELDS:
         raise _fail(node_id, f"unknown kind {kind!r}; expected one of {NODE_KINDS}")
     required, optional = _NODE_FIELDS[kind]
     _check_fields(node_id, raw.keys(), required, required | optional | _COMMON)
@@ -630,8 +631,12 @@ def _check_weights(
     for weight in weights:
         if not (_is_number(weight) and math.isfinite(weight) and weight > 0):
             raise _fail(node_id, f"weights must be positive numbers, got {weight!r}")
-    total = math.fsum(weights)
-    return tuple(float(w) / total for w in weights)
+    # Scaled by the largest first, so weights near the float maximum
+    # cannot overflow their sum.
+    largest = float(max(weights))
+    scaled = [float(w) / largest for w in weights]
+    total = math.fsum(scaled)
+    return tuple(w / total for w in scaled)
 
 
 def _check_beta(node_id: str, beta: object) -> float:

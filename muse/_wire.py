@@ -137,7 +137,9 @@ def _unpack(body: bytes) -> Any:
         raise BadRequest("body is not valid msgpack: nested too deeply") from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # Unhashable keys (arrays or maps used as keys) surface as TypeError.
-        raise BadRequest(f"body is not valid msgpack: {exc}") from exc
+        # msgpack's FormatError (a reserved type byte) carries no message.
+        reason = str(exc) or "a byte that starts no msgpack value"
+        raise BadRequest(f"body is not valid msgpack: {reason}") from exc
 
 
 def _limits(size: int) -> dict[str, Any]:

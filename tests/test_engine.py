@@ -210,3 +210,33 @@ async def test_a_model_that_crashes_its_parser_is_refused_and_serving_goes_on(
             await engine.admin.put_model("junk", json.dumps(document).encode(), "xgboost_json")
         results = await engine.score("bank-01", INTENT, events[:2])
         assert {r["predictor"] for r in results} == {p1}
+
+
+async def test_same_bytes_under_other_feature_names_are_another_model(
+    registry_path: Path, synthetic: dict
+) -> None:
+    import xgboost as xgb
+
+    # A model file that names no features: the upload's names are its own.
+    X = np.column_stack([synthetic[f] for f in FEATURES])[:2000]
+    booster = xgb.train(
+        {"max_depth": 2, "objective": "binary:logistic", "nthread": 1},
+        xgb.DMatrix(X, label=synthetic["TX_FRAUD"][:2000]),
+        num_boost_round=3,
+    )
+    unnamed = bytes(booster.save_raw("json"))
+    renamed = [f"col_{name}" for name in FEATURES]
+    async with open_engine(registry_path) as engine:
+        admin = engine.admin
+        first = await admin.put_model("unnamed", unnamed, "xgboost_json")
+        named = await admin.put_model(
+            "named", unnamed, "xgboost_json", feature_names=list(FEATURES)
+        )
+        other = await admin.put_model(
+            "renamed", unnamed, "xgboost_json", feature_names=renamed
+        )
+
+    assert first["feature_names"] == [f"f{i}" for i in range(len(FEATURES))]
+    assert named["feature_names"] == list(FEATURES)
+    assert other["feature_names"] == renamed
+    assert first["digest"] == named["digest"] == other["digest"]

@@ -254,6 +254,42 @@ async def test_every_error_status_has_a_msgpack_body(
                 400,
                 "predictor_spec",
             ),
+            (
+                "PUT",
+                "/v1/predictors/p",
+                {
+                    "content": body(
+                        {
+                            "spec": {
+                                "nodes": [{"id": "m", "kind": ["model"], "model": "x"}],
+                                "output": "m",
+                            }
+                        }
+                    ),
+                    "headers": admin,
+                },
+                400,
+                "predictor_spec",
+            ),
+            (
+                "PUT",
+                "/v1/routes/*/card-fraud",
+                {"content": body({"live": setup["p1"], "shadow": []}), "headers": admin},
+                400,
+                "bad_request",
+            ),
+            (
+                "PUT",
+                "/v1/models/typo",
+                {
+                    "content": body(
+                        {"data": xgb_bytes, "format": "xgboost_json", "Beta": 0.05}
+                    ),
+                    "headers": admin,
+                },
+                400,
+                "bad_request",
+            ),
             ("GET", "/v1/nowhere", {"headers": admin}, 404, "not_found"),
         ]
         async with httpx.AsyncClient(base_url=url) as http:
@@ -261,6 +297,14 @@ async def test_every_error_status_has_a_msgpack_body(
                 got, answer = await _status(http, method, path, **kwargs)
                 assert (got, answer["error"]) == (status, code), (path, answer)
                 assert answer["detail"]
+            # A detail quoting what the client sent is cut short.
+            huge = body({"intent": "x" * 100_000, "events": [{"features": features}]})
+            got, answer = await _status(
+                http, "POST", "/v1/score", content=huge, headers=tenant
+            )
+            assert got == 404
+            assert answer["detail"].endswith("characters)")
+            assert len(answer["detail"]) < 1100
             # Still serving after all of that.
             got, answer = await _status(
                 http, "POST", "/v1/score", content=good, headers=tenant

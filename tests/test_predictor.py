@@ -169,6 +169,10 @@ INVALID = {
         ),
         "node 'x': unknown kind 'median'",
     ),
+    "kind not a string": (
+        spec(model("a", "a@1"), {"id": "x", "kind": ["mean"], "input": "a"}, output="x"),
+        r"node 'x': unknown kind \['mean'\]",
+    ),
     "duplicate id": (
         spec(model("a", "a@1"), model("a", "b@2"), output="a"),
         "node 'a': duplicate node id",
@@ -339,6 +343,20 @@ def test_quantile_map_applies_the_given_mapping() -> None:
 
     np.testing.assert_allclose(scores, predictor.score(X, MODELS) + 10.0)
     assert predictor.mapping_id_used(mapping) == "m-1"
+
+
+def test_weights_near_the_float_maximum_are_normalised_without_overflow() -> None:
+    declaration = spec(
+        model("a", "a@1"),
+        model("b", "b@2"),
+        {"id": "w", "kind": "weighted_mean", "inputs": ["a", "b"],
+         "weights": [1e308, 1e308]},
+        output="w",
+    )  # fmt: skip
+
+    scores = build(declaration).score(X, MODELS)
+
+    np.testing.assert_allclose(scores, 0.5 * X[:, 0] + 0.25 * X[:, 2], rtol=1e-15)
 
 
 def test_mean_of_three_models() -> None:
