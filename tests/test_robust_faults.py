@@ -25,13 +25,13 @@ import pytest
 import treelite
 import trio
 from _servers import (
+    plain_events,
     HEAVY_FEATURES,
     HEAVY_INTENT,
     INTENT,
     RawConnection,
     ServerProcess,
     copy_registry,
-    deployed_template,
     record_figure,
     request,
     serving,
@@ -45,24 +45,6 @@ from muse._synthetic import FEATURES
 from muse.client import ApiError, AsyncClient, Client
 
 
-@pytest.fixture(scope="session")
-def template(
-    tmp_path_factory: pytest.TempPathFactory,
-    synthetic: dict,
-    xgb_bytes: bytes,
-    lgb_bytes: bytes,
-) -> Path:
-    return deployed_template(
-        tmp_path_factory.mktemp("deployed"), synthetic, xgb_bytes, lgb_bytes
-    )
-
-
-def _plain(events: list[dict], n: int, start: int = 0) -> list[dict]:
-    return [
-        {"id": e["id"], "features": e["features"]} for e in events[start : start + n]
-    ]
-
-
 # -- models that must not go live ---------------------------------------------
 
 
@@ -70,7 +52,7 @@ async def test_unimportable_models_are_refused_and_the_live_version_serves_on(
     template: Path, tmp_path: Path, xgb_bytes: bytes, events: list[dict]
 ) -> None:
     deployment = copy_registry(template, tmp_path / "reg")
-    batch = _plain(events, 20)
+    batch = plain_events(events, 20)
     broken = [
         ("garbage", b"not a model at all", "xgboost_json"),
         ("truncated", xgb_bytes[: len(xgb_bytes) // 2], "xgboost_json"),
@@ -111,7 +93,7 @@ async def test_model_differing_from_its_golden_rows_is_refused(
     body = msgpack.packb(
         {"data": xgb_bytes, "format": "xgboost_json", "golden": wrong.getvalue()}
     )
-    batch = _plain(events, 20)
+    batch = plain_events(events, 20)
     async with serving(tmp_path / "reg") as served:
         async with AsyncClient(served.url, deployment.keys["bank-02"]) as client:
             before = await client.score(INTENT, batch)
@@ -280,7 +262,7 @@ def _one_story(
     ack("route", admin.put_route("*", INTENT, live, [declared["ref"]])["version"])
     start = rng.randrange(0, len(events) - 900)
     for offset in range(0, 900, 300):
-        scorer.score(INTENT, _plain(events, 300, start + offset))
+        scorer.score(INTENT, plain_events(events, 300, start + offset))
     mapping = admin.fit_mapping(declared["ref"], source="shadow", min_sample=300)
     ack("mappings", mapping["id"])
     ack("route", admin.promote("*", INTENT, declared["ref"])["version"])
@@ -331,6 +313,25 @@ def _check_registry(path: Path, done: _Acknowledged) -> None:
             assert mapping_id in mappings
 
 
+def _wait_for_a_random_point(
+    done: _Acknowledged, worker: threading.Thread, rng: random.Random
+) -> None:
+    """Let the story acknowledge a random number of operations (none to a
+    whole story's worth), then a random slice of the next one.
+
+    A fixed short delay would kill every story before its first upload is
+    acknowledged (an upload is imported in a child process first), and the
+    check after the kill would then hold vacuously.
+    """
+    target = done.operations + rng.randrange(0, 7)
+    deadline = time.monotonic() + 30
+    while (
+        done.operations < target and worker.is_alive() and time.monotonic() < deadline
+    ):
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.4))
+
+
 def _kill_lane(
     workdir: Path, models: list[bytes], events: list[dict], kills: int, seed: int
 ) -> _Acknowledged:
@@ -349,7 +350,7 @@ def _kill_lane(
                 daemon=True,
             )
             worker.start()
-            time.sleep(rng.uniform(0.0, 0.3))  # a random point in the story
+            _wait_for_a_random_point(done, worker, rng)
             server.kill()
             stop.set()
             worker.join(timeout=30)
@@ -360,7 +361,7 @@ def _kill_lane(
         # The last restart serves, from the registry the kills left.
         url = server.start()
         with Client(url, tenant_key) as scorer:
-            assert len(scorer.score(INTENT, _plain(events, 10))) == 10
+            assert len(scorer.score(INTENT, plain_events(events, 10))) == 10
     return done
 
 
@@ -394,6 +395,10 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(
         },
     )
     assert sum(r.kills for r in results) >= 50
+    # The kills landed after real work, not only before the first answer.
+    assert sum(len(r.models) for r in results) >= 10
+    assert sum(len(r.mappings) for r in results) >= 5
+    assert sum(r.route_version > 0 for r in results) == lanes
 
 
 # -- a full disk --------------------------------------------------------------
@@ -440,7 +445,7 @@ async def test_full_disk_fails_writes_cleanly_and_damages_nothing(
 ) -> None:
     registry_path = small_disk / "reg"
     deployment = copy_registry(template, registry_path)
-    batch = _plain(events, 10)
+    batch = plain_events(events, 10)
     async with serving(registry_path, persist_interval=0.05) as served:
         async with AsyncClient(served.url, deployment.keys["bank-01"]) as scorer:
             before = await scorer.score(INTENT, batch)
