@@ -544,6 +544,13 @@ def request(
     return head + (body or b"")
 
 
+def plain_events(events: list[dict], n: int, start: int = 0) -> list[dict]:
+    """``n`` events from ``start``, with only the fields a request carries."""
+    return [
+        {"id": e["id"], "features": e["features"]} for e in events[start : start + n]
+    ]
+
+
 def score_request(
     key: str, events: list[dict[str, Any]], *, intent: str = INTENT, **extra: Any
 ) -> bytes:

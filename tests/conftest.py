@@ -101,3 +101,18 @@ def registry_path(tmp_path: Path, compiled_cache: Path) -> Path:
     path.mkdir()
     (path / "compiled").symlink_to(compiled_cache, target_is_directory=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def template(
+    tmp_path_factory: pytest.TempPathFactory,
+    synthetic: dict,
+    xgb_bytes: bytes,
+    lgb_bytes: bytes,
+) -> Path:
+    """A deployed registry (see ``_servers.build_deployment``), built once."""
+    from _servers import deployed_template
+
+    return deployed_template(
+        tmp_path_factory.mktemp("deployed"), synthetic, xgb_bytes, lgb_bytes
+    )

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import trio
 from _servers import (
+    plain_events,
     HEAVY_FEATURES,
     HEAVY_INTENT,
     INTENT,
@@ -35,7 +36,6 @@ from _servers import (
     ServerProcess,
     chunked,
     copy_registry,
-    deployed_template,
     open_fds,
     record_figure,
     request,
@@ -50,18 +50,6 @@ from muse._synthetic import FEATURES
 
 # Bad inputs tried, by kind, across this module (reported as a figure).
 TRIED: Counter[str] = Counter()
-
-
-@pytest.fixture(scope="session")
-def template(
-    tmp_path_factory: pytest.TempPathFactory,
-    synthetic: dict,
-    xgb_bytes: bytes,
-    lgb_bytes: bytes,
-) -> Path:
-    return deployed_template(
-        tmp_path_factory.mktemp("deployed"), synthetic, xgb_bytes, lgb_bytes
-    )
 
 
 @pytest.fixture
@@ -81,18 +69,12 @@ def _keys(registry: Path) -> dict[str, str]:
     return json.loads((registry / "deployment.json").read_text())["keys"]
 
 
-def _events(events: list[dict], n: int, start: int = 0) -> list[dict]:
-    return [
-        {"id": e["id"], "features": e["features"]} for e in events[start : start + n]
-    ]
-
-
 async def _open(served: Served) -> RawConnection:
     return await RawConnection.open(served.host, served.port)
 
 
 async def _good_on(connection: RawConnection, key: str, events: list[dict]) -> Reply:
-    return await connection.exchange(score_request(key, _events(events, 2)))
+    return await connection.exchange(score_request(key, plain_events(events, 2)))
 
 
 async def _recovers(served: Served, key: str, events: list[dict]) -> None:
@@ -354,7 +336,7 @@ async def test_every_msgpack_spelling_decodes_alike(
     registry: Path, events: list[dict], content_type: str
 ) -> None:
     key = _keys(registry)["bank-01"]
-    body = msgpack.packb(_body(_events(events, 3)))
+    body = msgpack.packb(_body(plain_events(events, 3)))
     async with serving(registry) as served:
         connection = await _open(served)
         plain = await connection.exchange(request("POST", "/v1/score", body, key=key))
@@ -368,7 +350,7 @@ async def test_every_msgpack_spelling_decodes_alike(
 
 async def test_content_type_problems(registry: Path, events: list[dict]) -> None:
     key = _keys(registry)["bank-01"]
-    document = _body(_events(events, 2))
+    document = _body(plain_events(events, 2))
     packed, text = msgpack.packb(document), json.dumps(document).encode()
     cases = [
         ("json", text, [("Content-Type", "application/json")], 200, None),
@@ -426,14 +408,14 @@ async def test_content_type_problems(registry: Path, events: list[dict]) -> None
 
 
 def _smuggled(key: str, events: list[dict]) -> bytes:
-    return score_request(key, _events(events, 1))
+    return score_request(key, plain_events(events, 1))
 
 
 async def test_ambiguous_or_broken_framing_closes_the_connection(
     registry: Path, events: list[dict]
 ) -> None:
     key = _keys(registry)["bank-01"]
-    good = msgpack.packb(_body(_events(events, 1)))
+    good = msgpack.packb(_body(plain_events(events, 1)))
     smuggled = _smuggled(key, events)
     head = "POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: application/msgpack\r\n"
     head += f"Authorization: Bearer {key}\r\n"
@@ -536,7 +518,7 @@ async def test_ambiguous_or_broken_framing_closes_the_connection(
 
 async def test_body_shorter_than_declared(registry: Path, events: list[dict]) -> None:
     key = _keys(registry)["bank-01"]
-    good = msgpack.packb(_body(_events(events, 1)))
+    good = msgpack.packb(_body(plain_events(events, 1)))
     head = request(
         "POST",
         "/v1/score",
@@ -656,7 +638,7 @@ async def test_limits_are_per_route(registry: Path, events: list[dict]) -> None:
 async def test_expect_100_continue(registry: Path, events: list[dict]) -> None:
     keys = json.loads((registry / "deployment.json").read_text())
     key = keys["keys"]["bank-01"]
-    body = msgpack.packb(_body(_events(events, 2)))
+    body = msgpack.packb(_body(plain_events(events, 2)))
     options = ServerOptions(limits=HttpLimits(score_body=len(body) + 10))
     expect = [("Expect", "100-continue")]
     async with serving(registry, options) as served:
@@ -745,7 +727,7 @@ async def test_slow_clients_are_closed_by_the_header_timeout(
         keep_alive_timeout=1.5,
         limits=HttpLimits(score_body_timeout=0.6),
     )
-    slow_head = score_request(key, _events(events, 1))
+    slow_head = score_request(key, plain_events(events, 1))
     async with serving(registry, options) as served:
         # Sends nothing at all.
         silent = await _seconds_until_closed(await _open(served))
@@ -770,7 +752,7 @@ async def test_slow_clients_are_closed_by_the_header_timeout(
         second_head = await _seconds_until_closed(connection, slow_head[1:])
         # A body that trickles in gets 408 once its time is up.
         connection = await _open(served)
-        body = msgpack.packb(_body(_events(events, 1)))
+        body = msgpack.packb(_body(plain_events(events, 1)))
         started = time.perf_counter()
         await connection.send(
             request(
@@ -845,7 +827,7 @@ async def test_connection_cap_holds_new_connections_in_the_backlog(
         await trio.sleep(0.1)
         fds = open_fds()
         waiting = await _open(served)
-        await waiting.send(score_request(key, _events(events, 1)))
+        await waiting.send(score_request(key, plain_events(events, 1)))
         with pytest.raises(trio.TooSlowError):
             await waiting.reply(timeout=0.5)
         # Beyond the cap, a connection costs the server no descriptor.
@@ -882,7 +864,7 @@ async def test_idle_connections_do_not_slow_normal_traffic(
         pytest.skip(f"RLIMIT_NOFILE too low for {idle_count} idle connections")
     key = _keys(registry)["bank-01"]
     options = ServerOptions(header_timeout=60, keep_alive_timeout=60)
-    payload = score_request(key, _events(events, 8))
+    payload = score_request(key, plain_events(events, 8))
     async with serving(registry, options) as served:
         client = await _open(served)
         await _latencies(client, payload, 50)  # warm up
@@ -981,7 +963,7 @@ async def test_tenant_over_quota_gets_429_while_others_are_served(
 ) -> None:
     keys = _keys(registry)
     quotas = {"bank-01": QuotaPolicy(rate=20, burst=100)}
-    batch = _events(events, 20)
+    batch = plain_events(events, 20)
     async with serving(registry, quotas=quotas) as served:
         greedy, polite = await _open(served), await _open(served)
         statuses: dict[str, list[int]] = {"bank-01": [], "bank-02": []}
@@ -1007,7 +989,7 @@ async def test_overload_is_shed_fast_and_recovers_at_once(
 ) -> None:
     deployment = copy_registry(template, tmp_path / "reg")
     key = deployment.keys["bank-01"]
-    payload = score_request(key, _events(events, 64))
+    payload = score_request(key, plain_events(events, 64))
     clients, seconds, cap = 64, 3.0, 60_000
     config = {"server": {"max_score_requests": 8}}
     with ServerProcess(tmp_path / "reg", tmp_path, config) as server:
