@@ -41,6 +41,7 @@ _SERVER = {
     "backlog": int,
     "max_connections": int,
     "max_score_requests": int,
+    "direct_lane": bool,
 }
 _ENGINE = {
     "deadline_ms": float,
@@ -143,6 +144,10 @@ def _no_unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
 
 def _value(value: Any, kind: type, what: str) -> Any:
     # TOML has its own booleans; True is not the number 1 here.
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, got {value!r}")
+        return value
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{what} must be a string, got {value!r}")

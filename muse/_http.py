@@ -43,9 +43,19 @@ from muse._errors import (
 from muse._metrics import CONTENT_TYPE as METRICS_TYPE
 from muse._metrics import Metrics
 from muse._events import read_score_call
+from muse._keys import Principal
 from muse._wire import JSON, MSGPACK, encode_body, media_type
 
-__all__ = ["build_app", "HttpLimits"]
+__all__ = [
+    "build_app",
+    "BodyTimeout",
+    "error_reply",
+    "reply_kind",
+    "single_header",
+    "HttpApp",
+    "HttpLimits",
+    "ScoreRoute",
+]
 
 log = logging.getLogger("muse.http")
 
@@ -83,7 +93,7 @@ class _ClientGone(Exception):
     """The client disconnected before its body arrived."""
 
 
-class _BodyTimeout(ClientError):
+class BodyTimeout(ClientError):
     """The body did not arrive in time.
 
     Kept here rather than in ``_errors``: only the HTTP layer reads bodies.
@@ -106,7 +116,7 @@ def build_app(
     limits: HttpLimits | None = None,
     *,
     max_score_requests: int = 256,
-) -> Callable[..., Any]:
+) -> HttpApp:
     """The ASGI callable serving ``engine``.
 
     Args:
@@ -121,42 +131,51 @@ def build_app(
     """
     limits = limits or HttpLimits()
     metrics = Metrics(engine)
-    admin = build_admin_app(engine, limits.admin_body)
-    admission = _Admission(max_score_requests)
+    route = ScoreRoute(engine, limits, metrics, max_score_requests)
+    return HttpApp(route, build_admin_app(engine, limits.admin_body))
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+
+class HttpApp:
+    """The ASGI app; ``score_route`` is also served by the direct lane."""
+
+    def __init__(self, score_route: ScoreRoute, admin: Any) -> None:
+        self.score_route = score_route
+        self.metrics = score_route.metrics
+        self._admin = admin
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            path = scope["path"]
-            started = time.perf_counter()
-            status = 499  # unless an answer is given: the client went away
-            try:
-                headers = _headers(scope)
-                problem = _framing_problem(headers)
-                if problem is not None:
-                    status = await _refuse(problem, headers, receive, send, limits)
-                elif path == "/v1/score":
-                    status = await _score(
-                        engine, scope, headers, receive, send, limits, admission
-                    )
-                elif path in _PROBES:
-                    if _has_body(headers):
-                        send = _draining(send, receive)
-                    status = await _PROBES[path](engine, metrics, scope, send)
-                else:
-                    path = "admin"
-                    status = await _admin(admin, scope, headers, receive, send, limits)
-            finally:
-                metrics.observe(
-                    path if path in _ROUTES else "other",
-                    status,
-                    time.perf_counter() - started,
-                )
-        elif kind == "lifespan":
+        if kind == "lifespan":
             await _lifespan(receive, send)
-
-    app.metrics = metrics  # type: ignore[attr-defined]
-    return app
+            return
+        if kind != "http":
+            return
+        route = self.score_route
+        path = scope["path"]
+        started = time.perf_counter()
+        status = 499  # unless an answer is given: the client went away
+        try:
+            headers = _headers(scope)
+            problem = _framing_problem(headers)
+            if problem is not None:
+                status = await _refuse(problem, headers, receive, send, route.limits)
+            elif path == "/v1/score":
+                status = await _score(route, scope, headers, receive, send)
+            elif path in _PROBES:
+                if _has_body(headers):
+                    send = _draining(send, receive)
+                status = await _PROBES[path](route.engine, self.metrics, scope, send)
+            else:
+                path = "admin"
+                status = await _admin(
+                    self._admin, scope, headers, receive, send, route.limits
+                )
+        finally:
+            self.metrics.observe(
+                path if path in _ROUTES else "other",
+                status,
+                time.perf_counter() - started,
+            )
 
 
 _ROUTES = frozenset({"/v1/score", "/healthz", "/readyz", "/metrics", "admin"})
@@ -181,33 +200,67 @@ class _Admission:
         self.in_progress -= 1
 
 
+class ScoreRoute:
+    """``POST /v1/score`` apart from how its bytes travel.
+
+    The admission cap, decoding, the engine call and the answer's encoding,
+    shared by the ASGI app and the direct lane (``_direct``).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        limits: HttpLimits,
+        metrics: Metrics,
+        max_score_requests: int,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.metrics = metrics
+        self.admission = _Admission(max_score_requests)
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(
+            f"{self.admission.capacity} scoring requests are in progress; "
+            "retry shortly"
+        )
+
+    async def answer(self, principal: Principal, kind: str, body: bytes) -> bytes:
+        """The encoded 200 body for a request's body.
+
+        Raises:
+            MuseError: whatever makes the request unanswerable.
+        """
+        engine = self.engine
+        call = read_score_call(body, kind, max_events=engine.options.max_events)
+        results = await engine.score_events(
+            principal.tenant, call.intent, call.events, deadline_ms=call.deadline_ms
+        )
+        return encode_body({"results": results}, kind)
+
+
 async def _score(
-    engine: Any,
+    route: ScoreRoute,
     scope: Scope,
     headers: dict[bytes, list[bytes]],
     receive: Receive,
     send: Send,
-    limits: HttpLimits,
-    admission: _Admission,
 ) -> int:
+    admission = route.admission
     if not admission.enter():
-        busy = Overloaded(
-            f"{admission.capacity} scoring requests are in progress; retry shortly"
-        )
-        return await _error(send, busy, _reply_kind(headers), receive)
+        return await _error(send, route.overloaded(), reply_kind(headers), receive)
     try:
-        return await _score_admitted(engine, scope, headers, receive, send, limits)
+        return await _score_admitted(route, scope, headers, receive, send)
     finally:
         admission.leave()
 
 
 async def _score_admitted(
-    engine: Any,
+    route: ScoreRoute,
     scope: Scope,
     headers: dict[bytes, list[bytes]],
     receive: Receive,
     send: Send,
-    limits: HttpLimits,
 ) -> int:
     kind = MSGPACK
     # Until the body is read to its end, an answer must drain the rest.
@@ -221,16 +274,13 @@ async def _score_admitted(
                 kind,
                 drain=unread,
             )
-        kind = media_type(_single(headers, b"content-type"))
-        principal = engine.authenticate(_single(headers, b"authorization"))
-        limit = limits.score_body
-        _check_declared_length(headers, limit)
-        body = await _read_body(receive, limit, limits.score_body_timeout)
+        kind = media_type(single_header(headers, b"content-type"))
+        principal = route.engine.authenticate(single_header(headers, b"authorization"))
+        limits = route.limits
+        _check_declared_length(headers, limits.score_body)
+        body = await _read_body(receive, limits.score_body, limits.score_body_timeout)
         unread = None
-        call = read_score_call(body, kind, max_events=engine.options.max_events)
-        results = await engine.score_events(
-            principal.tenant, call.intent, call.events, deadline_ms=call.deadline_ms
-        )
+        payload = await route.answer(principal, kind, body)
     except _ClientGone:
         return 499
     except MuseError as exc:
@@ -240,7 +290,7 @@ async def _score_admitted(
         return await _error(
             send, InternalError("internal error; see the server log"), kind, unread
         )
-    return await _respond(send, 200, {"results": results}, kind)
+    return await _send(send, 200, payload, kind)
 
 
 async def _admin(
@@ -256,7 +306,7 @@ async def _admin(
     try:
         _check_declared_length(headers, limits.admin_body)
     except MuseError as exc:
-        return await _error(send, exc, _reply_kind(headers), receive)
+        return await _error(send, exc, reply_kind(headers), receive)
     body = _LimitedBody(receive, limits.admin_body, limits.admin_body_timeout)
 
     async def tracking_send(message: dict[str, Any]) -> None:
@@ -277,7 +327,7 @@ async def _admin(
     await admin(scope, body.receive, tracking_send)
     if body.problem is not None and not started:
         # quart saw a disconnect and stopped; the answer is ours to give.
-        return await _error(send, body.problem, _reply_kind(headers), receive)
+        return await _error(send, body.problem, reply_kind(headers), receive)
     return status
 
 
@@ -321,7 +371,7 @@ class _LimitedBody:
                     return {"type": "http.disconnect"}
                 self._complete = not message.get("more_body", False)
             return message
-        self.problem = _BodyTimeout(f"body did not arrive within {self._timeout:g} s")
+        self.problem = BodyTimeout(f"body did not arrive within {self._timeout:g} s")
         return {"type": "http.disconnect"}
 
 
@@ -340,7 +390,7 @@ async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    raise _BodyTimeout(f"body did not arrive within {timeout:g} s ({size} bytes came)")
+    raise BodyTimeout(f"body did not arrive within {timeout:g} s ({size} bytes came)")
 
 
 def _framing_problem(headers: dict[bytes, list[bytes]]) -> MuseError | None:
@@ -377,7 +427,7 @@ async def _refuse(
         # first, up to the scoring limit.
         with contextlib.suppress(MuseError, _ClientGone):
             await _read_body(receive, limits.score_body, limits.score_body_timeout)
-    return await _error(send, problem, _reply_kind(headers), receive)
+    return await _error(send, problem, reply_kind(headers), receive)
 
 
 def _has_body(headers: dict[bytes, list[bytes]]) -> bool:
@@ -408,7 +458,7 @@ def _headers(scope: Scope) -> dict[bytes, list[bytes]]:
     return found
 
 
-def _single(headers: dict[bytes, list[bytes]], name: bytes) -> str | None:
+def single_header(headers: dict[bytes, list[bytes]], name: bytes) -> str | None:
     values = headers.get(name)
     if not values:
         return None
@@ -417,18 +467,25 @@ def _single(headers: dict[bytes, list[bytes]], name: bytes) -> str | None:
     return values[0].decode("latin-1")
 
 
+def error_reply(exc: MuseError, kind: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """An error's encoded body and the headers it carries besides type and
+    length; a server-side fault is logged."""
+    extra: list[tuple[bytes, bytes]] = []
+    if isinstance(exc, (Overloaded, TooManyRequests)):
+        extra.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+    elif isinstance(exc, (_Framing, BodyTimeout)):
+        extra.extend(_CLOSE)
+    if exc.status >= 500 and not isinstance(exc, Overloaded) and exc.status != 504:
+        log.warning("answering %d: %s", exc.status, exc.detail)
+    return encode_body(exc.to_body(), kind), extra
+
+
 async def _error(
     send: Send, exc: MuseError, kind: str, drain: Receive | None = None
 ) -> int:
     """Answer ``exc``; ``drain`` is ``receive`` when the body is not all read."""
-    extra: list[tuple[bytes, bytes]] = []
-    if isinstance(exc, (Overloaded, TooManyRequests)):
-        extra.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
-    elif isinstance(exc, (_Framing, _BodyTimeout)):
-        extra.extend(_CLOSE)
-    if exc.status >= 500 and not isinstance(exc, (Overloaded,)) and exc.status != 504:
-        log.warning("answering %d: %s", exc.status, exc.detail)
-    return await _respond(send, exc.status, exc.to_body(), kind, extra, drain)
+    payload, extra = error_reply(exc, kind)
+    return await _send(send, exc.status, payload, kind, extra, drain)
 
 
 async def _respond(
@@ -439,7 +496,17 @@ async def _respond(
     extra: list[tuple[bytes, bytes]] | None = None,
     drain: Receive | None = None,
 ) -> int:
-    payload = encode_body(body, kind)
+    return await _send(send, status, encode_body(body, kind), kind, extra, drain)
+
+
+async def _send(
+    send: Send,
+    status: int,
+    payload: bytes,
+    kind: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    drain: Receive | None = None,
+) -> int:
     headers = [
         (b"content-type", kind.encode()),
         (b"content-length", str(len(payload)).encode()),
@@ -509,7 +576,7 @@ async def _metrics(engine: Any, metrics: Metrics, scope: Scope, send: Send) -> i
     return 200
 
 
-def _reply_kind(headers: dict[bytes, list[bytes]]) -> str:
+def reply_kind(headers: dict[bytes, list[bytes]]) -> str:
     # As the admin app chooses: JSON for JSON bodies or JSON-only clients.
     content_type = headers.get(b"content-type", [b""])[0].lower()
     accept = headers.get(b"accept", [b""])[0]

@@ -61,6 +61,13 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.direct_lane = Counter(
+            "muse_direct_lane",
+            "Scoring requests answered on the direct lane ('requests'), and "
+            "connections it handed to hypercorn ('handovers').",
+            ["what"],
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine))
         engine.on_batch = self.batch_rows.observe
 

@@ -37,6 +37,7 @@ import errno
 import logging
 import math
 import resource
+import select
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -52,8 +53,9 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from muse._atomic import write_bytes_atomic
+from muse._direct import DirectLane, HangupWatch, Handover
 from muse._engine import open_engine
-from muse._http import HttpLimits, build_app
+from muse._http import HttpApp, HttpLimits, build_app
 
 __all__ = ["ServerOptions", "serve", "bind_socket"]
 
@@ -97,6 +99,9 @@ class ServerOptions:
         max_score_requests: scoring requests admitted at once; more are
             answered 503 with Retry-After (see ``build_app``).
         limits: body limits by route.
+        direct_lane: serve plain scoring requests without hypercorn's
+            protocol stack (``_direct``); off, every request goes through
+            hypercorn, which the bench uses as a baseline.
     """
 
     bind: str = "127.0.0.1:8000"
@@ -108,6 +113,7 @@ class ServerOptions:
     max_connections: int | None = None
     max_score_requests: int = 256
     limits: HttpLimits = field(default_factory=HttpLimits)
+    direct_lane: bool = True
 
 
 def bind_socket(bind: str, backlog: int) -> socket.socket:
@@ -212,31 +218,50 @@ async def serve(
 
 
 class _Server:
-    """Accepts connections up to the cap and serves each with hypercorn."""
+    """Accepts connections up to the cap; serves plain scoring requests on
+    the direct lane and everything else with hypercorn."""
 
-    def __init__(self, app: App, options: ServerOptions) -> None:
+    def __init__(self, app: HttpApp, options: ServerOptions) -> None:
         self._app = app
         self._options = options
         self._config = _hypercorn_config(options)
         self._context = WorkerContext(None)
         self.cap = connection_cap(options)
         self._slots = trio.Semaphore(self.cap)
+        self._watch: HangupWatch | None = None
+        self._lane: DirectLane | None = None
+        # The lane watches for clients leaving with epoll, which only Linux
+        # has; elsewhere every request takes hypercorn's path.
+        if options.direct_lane and hasattr(select, "epoll"):
+            self._watch = HangupWatch()
+            self._lane = DirectLane(
+                app.score_route,
+                self._watch,
+                options.keep_alive_timeout,
+                options.header_timeout,
+            )
 
     async def run(self, listener: trio.SocketListener, shutdown: trio.Event) -> None:
         """Serve until ``shutdown``, then stop gracefully."""
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(self._accept, listener, connections)
-                await shutdown.wait()
-                accepting.cancel_scope.cancel()
-            # Refuse new connections at once rather than leave them in the
-            # backlog until the process exits.
-            await listener.aclose()
-            # Idle connections close now; busy ones after their response.
-            await self._context.terminated.set()
-            connections.cancel_scope.deadline = (
-                trio.current_time() + self._options.graceful_timeout
-            )
+        async with trio.open_nursery() as watching:
+            if self._watch is not None:
+                watching.start_soon(self._watch.run)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(self._accept, listener, connections)
+                    await shutdown.wait()
+                    accepting.cancel_scope.cancel()
+                # Refuse new connections at once rather than leave them in the
+                # backlog until the process exits.
+                await listener.aclose()
+                # Idle connections close now; busy ones after their response.
+                if self._lane is not None:
+                    self._lane.stop()
+                await self._context.terminated.set()
+                connections.cancel_scope.deadline = (
+                    trio.current_time() + self._options.graceful_timeout
+                )
+            watching.cancel_scope.cancel()
 
     async def _accept(
         self, listener: trio.SocketListener, connections: trio.Nursery
@@ -264,7 +289,15 @@ class _Server:
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
             with trio.CancelScope() as connection:
-                guard = _GuardedStream(stream, self._options.header_timeout, connection)
+                handover = Handover(b"", trio.current_time())
+                if self._lane is not None:
+                    handed = await self._lane.serve(stream)
+                    if handed is None:
+                        return
+                    handover = handed
+                guard = _GuardedStream(
+                    stream, self._options.header_timeout, connection, handover
+                )
                 # Both ignores: hypercorn types its messages as TypedDicts and
                 # names SSLStream where any trio stream with .socket will do.
                 server = TCPServer(
@@ -379,6 +412,8 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         stream: the accepted connection.
         header_timeout: seconds a request head may take (see the module).
         connection: the scope of the task serving the connection.
+        handover: bytes the direct lane read and left for hypercorn, and
+            when the pending request head began.
     """
 
     def __init__(
@@ -386,11 +421,13 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         stream: trio.SocketStream,
         header_timeout: float,
         connection: trio.CancelScope,
+        handover: Handover,
     ) -> None:
         self._stream = stream
         self._header_timeout = header_timeout
         self._connection = connection
-        self._head_started: float | None = trio.current_time()
+        self._unread = handover.data
+        self._head_started: float | None = handover.head_started
         self._active: set[trio.CancelScope] = set()
         self._running = 0
         self._over = False
@@ -498,6 +535,13 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
     # -- trio stream interface ------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._unread:
+            # What the direct lane read first; the head's clock runs on.
+            size = len(self._unread) if max_bytes is None else max_bytes
+            data, self._unread = self._unread[:size], self._unread[size:]
+            if not self._active and self._head_started is None:
+                self._head_started = trio.current_time()
+            return data
         if not self._active and self._head_started is not None:
             data = await self._receive_head(max_bytes)
         else:
