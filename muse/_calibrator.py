@@ -61,7 +61,9 @@ FOLD_ROWS = 16_384
 
 
 class Job(Protocol):
-    """What the calibrator needs of a scoring job (defined by the scorer)."""
+    """What the calibrator needs of a live scoring job (defined by the
+    scorer).  Shadow jobs (``ShadowJob``) gather the rows of many requests and
+    tenants; of those it needs ``shadow`` and ``tenant_codes``."""
 
     predictor: Any
     tenant: str
@@ -74,19 +76,20 @@ class Job(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
 
+
 @dataclass(frozen=True, slots=True)
 class ScoredGroup:
     """Model outputs for jobs of one predictor, stacked in job order.
 
     Attributes:
         predictor: the loaded predictor all jobs use.
-        jobs: the jobs.
+        jobs: the jobs: live ``Job``s, or the scorer's ``ShadowJob``s.
         bounds: job i owns rows ``bounds[i]:bounds[i+1]``.
         outputs: model ref -> positive-class probabilities of all rows.
     """
 
     predictor: Any
-    jobs: Sequence[Job]
+    jobs: Sequence[Any]
     bounds: np.ndarray
     outputs: Mapping[str, np.ndarray]
 
@@ -265,7 +268,7 @@ class Calibrator:
         for group in batch.groups:
             try:
                 self._finish_group(group)
-            except Exception as exc:  # noqa: BLE001 - the jobs carry it back
+            except Exception as exc:
                 # A failing transformation fails its own requests, not the
                 # actor that serves everyone else.
                 log.exception("transformation failed for %s", group.predictor.ref)
@@ -275,33 +278,43 @@ class Calibrator:
     def _finish_group(self, group: ScoredGroup) -> None:
         jobs, bounds = group.jobs, group.bounds
         premapped = group.predictor.combine(dict(group.outputs), None)
-        served = self._map(jobs, bounds, premapped)
-        for index, job in enumerate(jobs):
-            if not job.cancelled:
-                job.finish(served[bounds[index] : bounds[index + 1]])
         self._jobs += len(jobs)
         self._events += len(premapped)
-        shadow = jobs[0].shadow
-        codes = np.repeat(
-            np.fromiter((self._code(j.tenant) for j in jobs), np.int64, len(jobs)),
-            np.diff(bounds),
-        )
-        pending = self._pending.get((group.predictor.ref, "shadow" if shadow else "live"))
+        source = "shadow" if jobs[0].shadow else "live"
+        key = (group.predictor.ref, source)
+        pending = self._pending.get(key)
         if pending is None:
-            pending = _Pending()
-            self._pending[(group.predictor.ref, "shadow" if shadow else "live")] = pending
-        pending.tenants.append(codes)
-        pending.premapped.append(premapped)
-        if not shadow:
+            pending = self._pending[key] = _Pending()
+        if source == "shadow":
+            # Only sampled: a shadow's scores are never served, so they are
+            # neither mapped nor handed back.
+            codes = [job.tenant_codes(self._code) for job in jobs]
+            pending.tenants.append(
+                codes[0] if len(codes) == 1 else np.concatenate(codes)
+            )
+        else:
+            served = self._map(jobs, bounds, premapped)
+            for index, job in enumerate(jobs):
+                if not job.cancelled:
+                    job.finish(served[bounds[index] : bounds[index + 1]])
+            tenants = np.fromiter(
+                (self._code(j.tenant) for j in jobs), np.int64, len(jobs)
+            )
+            if len(jobs) != len(premapped):
+                tenants = np.repeat(tenants, np.diff(bounds))
+            pending.tenants.append(tenants)
             pending.served.append(served)
             if pending.curve is None and jobs[0].mapping is not None:
                 pending.curve = jobs[0].mapping.curve
+        pending.premapped.append(premapped)
         pending.rows += len(premapped)
         if pending.rows >= FOLD_ROWS:
-            self._fold(group.predictor.ref, "shadow" if shadow else "live")
+            self._fold(*key)
 
     @staticmethod
-    def _map(jobs: Sequence[Job], bounds: np.ndarray, premapped: np.ndarray) -> np.ndarray:
+    def _map(
+        jobs: Sequence[Job], bounds: np.ndarray, premapped: np.ndarray
+    ) -> np.ndarray:
         first = jobs[0].mapping
         if all(job.mapping is first for job in jobs):
             return premapped if first is None else first.apply(premapped)
@@ -330,11 +343,15 @@ class Calibrator:
             if served is not None:
                 self._count(predictor, tenant, pending.curve, served[part])
 
-    def _add(self, predictor: str, tenant: str, source: str, scores: np.ndarray) -> None:
+    def _add(
+        self, predictor: str, tenant: str, source: str, scores: np.ndarray
+    ) -> None:
         self._reservoir(predictor, tenant, source).add(scores)
         self._dirty.add((predictor, tenant, source))
 
-    def _count(self, predictor: str, tenant: str, curve: Any, served: np.ndarray) -> None:
+    def _count(
+        self, predictor: str, tenant: str, curve: Any, served: np.ndarray
+    ) -> None:
         counter = self._edges.get((predictor, tenant))
         if counter is None:
             pairs = curve if curve is not None else sorted(DEFAULT_CURVE.items())

@@ -29,10 +29,9 @@ from typing import Any
 
 import trio
 
-from muse._calibrator import Calibrator, ScoredBatch
 from muse._admin import Admin
+from muse._calibrator import Calibrator, ScoredBatch
 from muse._deadlines import DeadlineWatch
-from muse._events import DecodedEvents, EventBatch
 from muse._errors import (
     DeadlineExceeded,
     Forbidden,
@@ -40,12 +39,13 @@ from muse._errors import (
     MuseError,
     Overloaded,
 )
+from muse._events import DecodedEvents, EventBatch
 from muse._keys import ADMIN, Principal
 from muse._quota import QuotaPolicy, Quotas
 from muse._registry import Registry
-from muse._routes import ANY_TENANT
 from muse._router import CHANGE_BUFFER, Change, Router
-from muse._scorer import Job, Scorer
+from muse._routes import ANY_TENANT
+from muse._scorer import SHADOW_JOB_ROWS, Job, Scorer, ShadowJob
 from muse._serving import Serving
 
 __all__ = ["Engine", "EngineOptions", "open_engine"]
@@ -103,7 +103,7 @@ class Engine:
         self.options = options
         self._quotas = Quotas(options.quotas or {})
         live_send, live_receive = trio.open_memory_channel[Job](options.live_queue)
-        shadow_send, shadow_receive = trio.open_memory_channel[Job](
+        shadow_send, shadow_receive = trio.open_memory_channel[ShadowJob](
             options.shadow_queue
         )
         batch_send, batch_receive = trio.open_memory_channel[ScoredBatch](
@@ -128,6 +128,7 @@ class Engine:
         self.admin = Admin(registry, self.router, self.calibrator, self._apply)
         self._requests = self._events = self._overloaded = 0
         self._deadlines = self._aborted = self._shadow_jobs = self._shadow_dropped = 0
+        self._open_shadows: dict[str, ShadowJob] = {}
         self.on_batch: Any = None
 
     # -- scoring -------------------------------------------------------------
@@ -261,15 +262,30 @@ class Engine:
                     # these events just does not see them.
                     self._shadow_dropped += len(events)
                     continue
-            mapping = serving.mapping_for(ref, tenant)
-            try:
-                self._shadow_send.send_nowait(
-                    Job(shadow, tenant, mapping, rows, shadow=True)
-                )
-            except trio.WouldBlock:
+            job = self._shadow_job(shadow)
+            if job is None:
                 self._shadow_dropped += len(events)
             else:
-                self._shadow_jobs += 1
+                job.add(tenant, rows)
+
+    def _shadow_job(self, shadow: Any) -> ShadowJob | None:
+        """The shadow predictor's open job, or None when the queue is full.
+
+        A job stays open for more rows until the shadow scorer takes it or
+        it holds ``SHADOW_JOB_ROWS``; then the next request queues a new one.
+        """
+        job = self._open_shadows.get(shadow.ref)
+        if job is None or job.taken or job.rows >= SHADOW_JOB_ROWS:
+            job = ShadowJob(shadow)
+            try:
+                self._shadow_send.send_nowait(job)
+            except trio.WouldBlock:
+                return None
+            # One entry per shadow ref ever routed; a retired shadow's last
+            # job stays referenced here, which is a few rows at most.
+            self._open_shadows[shadow.ref] = job
+            self._shadow_jobs += 1
+        return job
 
     def _observe(self, rows: int) -> None:
         if self.on_batch is not None:

@@ -37,6 +37,12 @@ async def _setup(engine, xgb_bytes: bytes, lgb_bytes: bytes) -> tuple[str, str]:
     return p1, p2
 
 
+def expected_premapped(engine, ref: str, events: list[dict]) -> np.ndarray:
+    """Scores before any quantile mapping: what shadow samples hold."""
+    loaded = engine.router.serving.predictors[ref]
+    return loaded.score(build_matrix(events, loaded.feature_names), None)
+
+
 def _offline(engine, ref: str, tenant: str, events: list[dict]) -> np.ndarray:
     serving = engine.router.serving
     loaded = serving.predictors[ref]
@@ -115,6 +121,38 @@ async def test_shadow_fit_promote_and_rollback(
         assert {r["predictor"] for r in results} == {p1}
 
 
+async def test_shadow_work_of_concurrent_requests_is_gathered_per_tenant(
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    requests = 300
+    tenants = [f"bank-{k:02d}" for k in range(5)]
+    async with open_engine(registry_path, deadline_ms=5000, seed=4) as engine:
+        _, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
+
+        def sent(i: int) -> list[dict]:
+            # Mixed sizes, so a shadow job stacks parts of 1 and 3 rows.
+            return events[4 * i : 4 * i + 1 + i % 2 * 2]
+
+        async def one(i: int) -> None:
+            await engine.score(tenants[i % 5], INTENT, sent(i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(requests):
+                nursery.start_soon(one, i)
+        await trio.sleep(0.1)  # let the shadow scorer catch up
+        stats = engine.statistics()
+        for k, tenant in enumerate(tenants):
+            of_tenant = [e for i in range(k, requests, 5) for e in sent(i)]
+            np.testing.assert_array_equal(
+                np.sort(engine.calibrator.sample(p2, tenant, "shadow")),
+                np.sort(expected_premapped(engine, p2, of_tenant)),
+            )
+
+    assert stats.shadow_dropped == 0
+    # Requests that arrived while the shadow scorer was busy shared a job.
+    assert 0 < stats.shadow_jobs < requests
+
+
 async def test_overload_sheds_instead_of_queueing(
     registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
@@ -173,7 +211,9 @@ async def test_infinity_follows_each_library(
         await admin.set_route("*", "lgb", pl)
         with pytest.raises(InvalidEvent, match="TX_AMOUNT.*infinity"):
             await engine.score("bank-01", "xgb", [{"id": 1, "features": features}])
-        results = await engine.score("bank-01", "lgb", [{"id": 1, "features": features}])
+        results = await engine.score(
+            "bank-01", "lgb", [{"id": 1, "features": features}]
+        )
         assert 0.0 <= results[0]["score"] <= 1.0
 
 
@@ -207,7 +247,9 @@ async def test_a_model_that_crashes_its_parser_is_refused_and_serving_goes_on(
     async with open_engine(registry_path, deadline_ms=5000) as engine:
         p1, _ = await _setup(engine, xgb_bytes, lgb_bytes)
         with pytest.raises(ModelImportError, match="refused"):
-            await engine.admin.put_model("junk", json.dumps(document).encode(), "xgboost_json")
+            await engine.admin.put_model(
+                "junk", json.dumps(document).encode(), "xgboost_json"
+            )
         results = await engine.score("bank-01", INTENT, events[:2])
         assert {r["predictor"] for r in results} == {p1}
 
