@@ -40,7 +40,6 @@ import re
 import select
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -55,12 +54,12 @@ from muse._http import (
 from muse._wire import MSGPACK, media_type
 
 __all__ = [
-    "DirectLane",
-    "HangupWatch",
-    "Handover",
-    "PlainHead",
     "FALLBACK",
     "MAX_HEAD",
+    "DirectLane",
+    "Handover",
+    "HangupWatch",
+    "PlainHead",
     "parse_head",
 ]
 
@@ -110,7 +109,9 @@ class PlainHead:
     headers: dict[bytes, list[bytes]]
 
 
-def parse_head(buffer: bytes | bytearray, body_limit: int) -> PlainHead | _Fallback | None:
+def parse_head(
+    buffer: bytes | bytearray, body_limit: int
+) -> PlainHead | _Fallback | None:
     """Read a request head at the start of ``buffer``.
 
     Returns:
@@ -274,9 +275,8 @@ class DirectLane:
                     return Handover(bytes(buffer), head_started)
                 assert isinstance(head, PlainHead)
                 end = head.length + head.body_length
-                if len(buffer) < end:
-                    if not await self._read_body(stream, buffer, end):
-                        return None
+                if len(buffer) < end and not await self._read_body(stream, buffer, end):
+                    return None
                 body = bytes(buffer[head.length : end])
                 del buffer[:end]
                 self._served.inc()
@@ -289,7 +289,9 @@ class DirectLane:
             pass
         return None
 
-    async def _read(self, stream: trio.SocketStream, deadline: float, *, idle: bool) -> bytes:
+    async def _read(
+        self, stream: trio.SocketStream, deadline: float, *, idle: bool
+    ) -> bytes:
         """Some bytes before ``deadline``; ``_Closed`` on EOF or time-out."""
         with trio.CancelScope(deadline=deadline) as scope:
             if idle:
@@ -384,7 +386,9 @@ class DirectLane:
             return _error_outcome(exc, kind)
         except Exception:
             log.exception("unexpected error scoring a request")
-            return _error_outcome(InternalError("internal error; see the server log"), kind)
+            return _error_outcome(
+                InternalError("internal error; see the server log"), kind
+            )
         finally:
             admission.leave()
 

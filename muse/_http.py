@@ -221,8 +221,7 @@ class ScoreRoute:
 
     def overloaded(self) -> Overloaded:
         return Overloaded(
-            f"{self.admission.capacity} scoring requests are in progress; "
-            "retry shortly"
+            f"{self.admission.capacity} scoring requests are in progress; retry shortly"
         )
 
     async def answer(self, principal: Principal, kind: str, body: bytes) -> bytes:

@@ -378,9 +378,7 @@ class _IdleTimer:
                 await self._context.terminated.wait()
                 self._stopping = True
             self._scope = None
-            if self._idle and (
-                self._stopping or trio.current_time() >= self._deadline
-            ):
+            if self._idle and (self._stopping or trio.current_time() >= self._deadline):
                 with trio.CancelScope(shield=True):
                     await self._server._initiate_server_close()
                 return
@@ -538,10 +536,10 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         if self._unread:
             # What the direct lane read first; the head's clock runs on.
             size = len(self._unread) if max_bytes is None else max_bytes
-            data, self._unread = self._unread[:size], self._unread[size:]
+            handed, self._unread = self._unread[:size], self._unread[size:]
             if not self._active and self._head_started is None:
                 self._head_started = trio.current_time()
-            return data
+            return handed
         if not self._active and self._head_started is not None:
             data = await self._receive_head(max_bytes)
         else:

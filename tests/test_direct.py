@@ -8,10 +8,6 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
-
-from muse._direct import FALLBACK, MAX_HEAD, PlainHead, parse_head
-from muse._server import ServerOptions
-
 from _servers import (
     RawConnection,
     copy_registry,
@@ -20,6 +16,9 @@ from _servers import (
     score_request,
     serving,
 )
+
+from muse._direct import FALLBACK, MAX_HEAD, PlainHead, parse_head
+from muse._server import ServerOptions
 
 LIMIT = 1 << 20
 BODY = b"\x81\xa6intent\xaacard-fraud"
@@ -97,12 +96,17 @@ def test_parse_head_leaves_other_requests_at_their_first_bytes(start: bytes) -> 
         pytest.param(PLAIN + ("X(Trace): 1",), id="bad-name"),
     ],
 )
-def test_parse_head_leaves_anything_unusual_to_hypercorn(lines: tuple[str, ...]) -> None:
+def test_parse_head_leaves_anything_unusual_to_hypercorn(
+    lines: tuple[str, ...],
+) -> None:
     assert parse_head(_head(*lines) + BODY, LIMIT) is FALLBACK
 
 
 def test_parse_head_leaves_other_versions_and_empty_heads() -> None:
-    assert parse_head(_head(*PLAIN, request_line="POST /v1/score HTTP/1.0"), LIMIT) is FALLBACK
+    assert (
+        parse_head(_head(*PLAIN, request_line="POST /v1/score HTTP/1.0"), LIMIT)
+        is FALLBACK
+    )
     assert parse_head(b"POST /v1/score HTTP/1.1\r\n\r\n", LIMIT) is FALLBACK
 
 
@@ -197,10 +201,14 @@ async def test_errors_on_the_lane_match_the_asgi_path(
             connection = await RawConnection.open(served.host, served.port)
             replies = [await connection.exchange(b) for b in bad]
             # The connection still serves after every refusal.
-            good = await connection.exchange(score_request(key, plain_events(events, 1)))
+            good = await connection.exchange(
+                score_request(key, plain_events(events, 1))
+            )
             counts = await _metrics(connection)
             await connection.aclose()
-        answers["lane" if lane else "hypercorn"] = [(r.status, r.error) for r in replies]
+        answers["lane" if lane else "hypercorn"] = [
+            (r.status, r.error) for r in replies
+        ]
         assert good.status == 200
         assert counts.get("requests", 0.0) == (len(bad) + 1 if lane else 0.0)
 
