@@ -88,20 +88,20 @@ def load_settings(
 
     limits = HttpLimits(
         **{
-            field: _value(server[key], kind, f"[server] {key}")
+            field: _value(server[key], kind, f"{where} [server] {key}")
             for key, (field, kind) in _LIMITS.items()
             if key in server
         }
     )
     options = {
-        key: _value(value, _SERVER[key], f"[server] {key}")
+        key: _value(value, _SERVER[key], f"{where} [server] {key}")
         for key, value in server.items()
         if key in _SERVER
     }
     if bind is not None:
         options["bind"] = bind
     engine_options: dict[str, Any] = {
-        key: _value(value, _ENGINE[key], f"[engine] {key}")
+        key: _value(value, _ENGINE[key], f"{where} [engine] {key}")
         for key, value in engine.items()
     }
     quotas = _quotas(_table(config, "quotas", where), where)
@@ -172,8 +172,8 @@ def _quotas(table: Mapping[str, Any], where: str) -> dict[str, QuotaPolicy]:
         _no_unknown(quota, set(_QUOTA), f"{where} {what}")
         if "rate" not in quota:
             raise ConfigError(f"{where}: {what} needs 'rate' (events per second)")
-        rate = _value(quota["rate"], float, f"{what} rate")
-        burst = _value(quota.get("burst", max(rate, 1.0)), float, f"{what} burst")
+        rate = _value(quota["rate"], float, f"{where} {what} rate")
+        burst = _value(quota.get("burst", max(rate, 1.0)), float, f"{where} {what} burst")
         try:
             quotas[tenant] = QuotaPolicy(rate, burst)
         except ValueError as exc:

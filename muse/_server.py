@@ -33,6 +33,7 @@ pyproject.toml for that reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -499,7 +500,13 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         self._hold_head = False
         held, self._held_head = self._held_head, None
         if held is not None:
-            with trio.CancelScope(shield=True):
+            # hypercorn may have closed the connection meanwhile (a request
+            # that said "Connection: close" with another pipelined behind
+            # it): the head has nowhere to go, and that is no error.
+            with (
+                trio.CancelScope(shield=True),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
                 await self._send(held)
 
     def _gate(self, receive: Receive) -> Receive:

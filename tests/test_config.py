@@ -88,8 +88,23 @@ def test_load_settings_defaults_without_a_file() -> None:
 def test_load_settings_names_the_key_at_fault(
     tmp_path: Path, text: str, match: str
 ) -> None:
-    with pytest.raises(ConfigError, match=match):
-        load_settings(_write(tmp_path, text))
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError, match=match) as caught:
+        load_settings(path)
+
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False)])
+def test_direct_lane_is_a_boolean_setting(
+    tmp_path: Path, value: str, expected: bool
+) -> None:
+    settings = load_settings(_write(tmp_path, f"[server]\ndirect_lane = {value}\n"))
+
+    assert settings.server.direct_lane is expected
+    with pytest.raises(ConfigError, match="direct_lane must be true or false"):
+        load_settings(_write(tmp_path, "[server]\ndirect_lane = 1\n"))
 
 
 def test_muse_serve_reports_a_bad_key_without_a_traceback(tmp_path: Path) -> None:

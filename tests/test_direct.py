@@ -253,3 +253,30 @@ async def test_stopping_closes_idle_lane_connections_and_answers_busy_ones(
         reply = await busy.reply()
         assert await idle.closed_by_server() == b""
     assert reply.status == 200
+
+
+async def test_a_request_refused_on_its_head_is_answered_before_its_body(
+    template: Path, tmp_path: Path
+) -> None:
+    copy_registry(template, tmp_path / "reg")
+    declared = 4_000_000
+    head = request(
+        "POST",
+        "/v1/score",
+        None,
+        key="not-a-key",
+        headers=[("Content-Length", str(declared))],
+    )
+    async with serving(tmp_path / "reg") as served:
+        connection = await RawConnection.open(served.host, served.port)
+        await connection.send(head + b"\0" * 1000)
+        # Answered at once, long before the 10 s body timeout: the server
+        # neither waits for nor holds the other 3,999,000 bytes.
+        with trio.fail_after(2):
+            reply = await connection.reply()
+            rest = await connection.closed_by_server()
+
+    assert reply.status == 401
+    assert msgpack.unpackb(reply.body)["error"] == "unauthorized"
+    assert reply.headers["connection"] == "close"
+    assert rest == b""
