@@ -71,7 +71,7 @@ class Job(Protocol):
     shadow: bool
     cancelled: bool
 
-    def finish(self, scores: np.ndarray) -> None: ...
+    def finish(self, scores: list[float]) -> None: ...
 
     def fail(self, error: BaseException) -> None: ...
 
@@ -294,9 +294,12 @@ class Calibrator:
             )
         else:
             served = self._map(jobs, bounds, premapped)
+            # Requests answer with Python floats: convert once per group,
+            # not once per job.
+            scores, edges = served.tolist(), bounds.tolist()
             for index, job in enumerate(jobs):
                 if not job.cancelled:
-                    job.finish(served[bounds[index] : bounds[index + 1]])
+                    job.finish(scores[edges[index] : edges[index + 1]])
             tenants = np.fromiter(
                 (self._code(j.tenant) for j in jobs), np.int64, len(jobs)
             )

@@ -204,7 +204,7 @@ class Engine:
         mapping_id = live.predictor.mapping_id_used(mapping)
         return [
             {"id": i, "score": s, "predictor": ref, "mapping": mapping_id}
-            for i, s in zip(events.labels(), job.scores.tolist())
+            for i, s in zip(events.labels(), job.scores)
         ]
 
     async def _wait(self, job: Job, deadline_ms: float | None) -> None:

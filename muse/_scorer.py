@@ -84,7 +84,7 @@ class Job:
         self.mapping = mapping
         self.matrix = matrix
         self.cancelled = False
-        self.scores: np.ndarray | None = None
+        self.scores: list[float] | None = None
         self.error: BaseException | None = None
         self.budget_ms = 0.0
         self._done = False
@@ -93,7 +93,7 @@ class Job:
     # The live scorer's jobs; shadow work travels in ``ShadowJob``.
     shadow = False
 
-    def finish(self, scores: np.ndarray) -> None:
+    def finish(self, scores: list[float]) -> None:
         self.scores = scores
         self._set_done()
 
@@ -185,7 +185,7 @@ class ShadowJob:
             return codes
         return np.repeat(codes, [len(part) for part in self._parts])
 
-    def finish(self, scores: np.ndarray) -> None:
+    def finish(self, scores: list[float]) -> None:
         """Nothing waits for a shadow's scores."""
 
     def fail(self, error: BaseException) -> None:
