@@ -315,11 +315,13 @@ class DirectLane:
                     # makes the server wait for, or hold, its body.
                     whole = len(buffer) >= end
                     del buffer[: end if whole else len(buffer)]
-                    if not await self._refuse(stream, caller, kind, close=not whole):
+                    if not await self._answer_error(
+                        stream, caller, kind, close=not whole
+                    ):
                         return None
                 else:
                     if len(buffer) < end and not await self._read_body(
-                        stream, buffer, end
+                        stream, buffer, end, kind
                     ):
                         return None
                     body = bytes(buffer[head.length : end])
@@ -356,7 +358,7 @@ class DirectLane:
         raise _Closed()
 
     async def _read_body(
-        self, stream: trio.SocketStream, buffer: bytearray, end: int
+        self, stream: trio.SocketStream, buffer: bytearray, end: int, kind: str
     ) -> bool:
         """Read until ``buffer`` holds ``end`` bytes.
 
@@ -379,7 +381,7 @@ class DirectLane:
                     problem = BadRequest(
                         "the connection ended before the body's Content-Length"
                     )
-                await self._send_error(stream, problem, MSGPACK)
+                await self._answer_error(stream, problem, kind, close=True)
                 return False
         return True
 
@@ -395,11 +397,12 @@ class DirectLane:
         except MuseError as exc:
             return kind, exc
 
-    async def _refuse(
+    async def _answer_error(
         self, stream: trio.SocketStream, exc: MuseError, kind: str, *, close: bool
     ) -> bool:
-        """Answer a request refused on its head; False when the connection
-        must close (its body was not read, or the answer says so)."""
+        """Answer a request with ``exc``; False when the connection must
+        close (``close``: its body was not read whole, or the answer says
+        so)."""
         started = time.perf_counter()
         status, payload, kind, extra = _error_outcome(exc, kind)
         if close and _CLOSE not in extra:
@@ -466,18 +469,6 @@ class DirectLane:
             )
         finally:
             admission.leave()
-
-    async def _send_error(
-        self, stream: trio.SocketStream, exc: MuseError, kind: str
-    ) -> None:
-        """Answer ``exc`` on a connection that closes after it."""
-        status, payload, kind, extra = _error_outcome(exc, kind)
-        if _CLOSE not in extra:
-            extra.append(_CLOSE)
-        try:
-            await stream.send_all(self._response(status, kind, payload, extra))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     def _response(
         self,

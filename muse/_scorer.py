@@ -109,10 +109,6 @@ class Job:
         if waiter is not None:
             trio.lowlevel.reschedule(waiter)
 
-    def tenant_codes(self, code: Callable[[str], int]) -> np.ndarray:
-        """Each row's tenant, as ``code(tenant)`` gives it."""
-        return np.full(len(self.matrix), code(self.tenant), np.int64)
-
     def expire(self) -> bool:
         """Fail the job for its deadline; False when it was already done."""
         if self._done:
