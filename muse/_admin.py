@@ -59,11 +59,13 @@ class Admin:
         router: Router,
         calibrator: Calibrator,
         apply: Callable[[Change], Awaitable[Serving]],
+        settle_shadows: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._registry = registry
         self._router = router
         self._calibrator = calibrator
         self._apply = apply
+        self._settle_shadows = settle_shadows
         self._models: dict[str, Any] = {}
         self._keys_lock = trio.Lock()
         self.keys = KeyTable()
@@ -342,6 +344,10 @@ class Admin:
             raise BadRequest(f"source must be 'shadow' or 'live', got {source!r}")
         self._router.serving.require_loaded(predictor)
         tenant = ANY_TENANT if scope == "global" else scope
+        if source == "shadow" and self._settle_shadows is not None:
+            # Shadow scores reach the sample a little after their requests
+            # are answered; a fit includes every request answered before it.
+            await self._settle_shadows()
         sample = self._calibrator.sample(predictor, tenant, source)
         reference = _curve(curve)
         mapping = await trio.to_thread.run_sync(

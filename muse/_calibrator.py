@@ -292,6 +292,8 @@ class Calibrator:
             pending.tenants.append(
                 codes[0] if len(codes) == 1 else np.concatenate(codes)
             )
+            for job in jobs:
+                job.finish([])
         else:
             served = self._map(jobs, bounds, premapped)
             # Requests answer with Python floats: convert once per group,

@@ -45,7 +45,7 @@ from muse._quota import QuotaPolicy, Quotas
 from muse._registry import Registry
 from muse._router import CHANGE_BUFFER, Change, Router
 from muse._routes import ANY_TENANT
-from muse._scorer import SHADOW_JOB_ROWS, Job, Scorer, ShadowJob
+from muse._scorer import SHADOW_JOB_ROWS, SHADOW_LINGER, Job, Scorer, ShadowJob
 from muse._serving import Serving
 
 __all__ = ["Engine", "EngineOptions", "open_engine"]
@@ -114,7 +114,11 @@ class Engine:
         self._change_send = change_send
         self.live_scorer = Scorer(live_receive, batch_send, observe_batch=self._observe)
         self.shadow_scorer = Scorer(
-            shadow_receive, batch_send.clone(), yield_to=live_receive
+            shadow_receive,
+            batch_send.clone(),
+            linger=SHADOW_LINGER,
+            # Nobody waits for shadow scores: always off the event loop.
+            thread_rows=1,
         )
         self.calibrator = Calibrator(
             batch_receive,
@@ -125,7 +129,13 @@ class Engine:
         )
         self.router = Router(Serving(), change_receive, self._publish_routes)
         self.deadlines = DeadlineWatch()
-        self.admin = Admin(registry, self.router, self.calibrator, self._apply)
+        self.admin = Admin(
+            registry,
+            self.router,
+            self.calibrator,
+            self._apply,
+            settle_shadows=self.settle_shadows,
+        )
         self._requests = self._events = self._overloaded = 0
         self._deadlines = self._aborted = self._shadow_jobs = self._shadow_dropped = 0
         self._open_shadows: dict[str, ShadowJob] = {}
@@ -286,6 +296,12 @@ class Engine:
             self._open_shadows[shadow.ref] = job
             self._shadow_jobs += 1
         return job
+
+    async def settle_shadows(self) -> None:
+        """Wait until the shadow scores of every request answered so far are
+        sampled: what a shadow-fitted mapping then sees includes them all."""
+        for job in list(self._open_shadows.values()):
+            await job.settled()
 
     def _observe(self, rows: int) -> None:
         if self.on_batch is not None:

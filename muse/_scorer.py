@@ -12,8 +12,11 @@ microseconds; large ones go to a worker thread (the compiled kernel releases
 the GIL) so the event loop keeps accepting requests meanwhile.
 
 Model outputs go on to the calibrator, which finishes the jobs.  A shadow
-scorer is the same class with ``yield_to`` set to the live inbox: it steps
-aside while live work is waiting, so shadows never delay an answer.
+scorer is the same class with a ``linger``: nobody waits for a shadow's
+scores, so after the first job arrives it lets rows gather for a while and
+then scores them all in one call on a worker thread.  The shadow model then
+runs on another core, in batches large enough to amortise everything per
+call, and never holds up the event loop that answers live requests.
 
 Inbox: ``Job`` (live) or ``ShadowJob`` (shadow).  The engine owns the send side and closes it at shutdown; the
 scorer then closes its calibrator channel and returns.
@@ -45,9 +48,10 @@ THREAD_ROWS = 1024
 # Rows one shadow job gathers from many requests before the engine opens the
 # next; with the shadow queue's length this bounds memory held for shadows.
 SHADOW_JOB_ROWS = 4096
-# A shadow scorer that finds live work waiting checks again after this pause;
-# shorter spins the CPU the live path needs.
-_YIELD_PAUSE = 0.001
+# How long the shadow scorer lets rows gather before scoring them: at 50,000
+# events/s a batch of about 1,000 rows, and a shadow score is sampled at most
+# this long (plus the call) after its request was answered.
+SHADOW_LINGER = 0.02
 
 
 class Job:
@@ -60,14 +64,15 @@ class Job:
     """
 
     __slots__ = (
-        "_done",
         "_waiter",
         "budget_ms",
         "cancelled",
+        "done",
         "error",
         "mapping",
         "matrix",
         "predictor",
+        "rows",
         "scores",
         "tenant",
     )
@@ -83,11 +88,12 @@ class Job:
         self.tenant = tenant
         self.mapping = mapping
         self.matrix = matrix
+        self.rows = len(matrix)
         self.cancelled = False
         self.scores: list[float] | None = None
         self.error: BaseException | None = None
         self.budget_ms = 0.0
-        self._done = False
+        self.done = False
         self._waiter: Any = None
 
     # The live scorer's jobs; shadow work travels in ``ShadowJob``.
@@ -102,16 +108,16 @@ class Job:
         self._set_done()
 
     def _set_done(self) -> None:
-        if self._done:
+        if self.done:
             return
-        self._done = True
+        self.done = True
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
             trio.lowlevel.reschedule(waiter)
 
     def expire(self) -> bool:
         """Fail the job for its deadline; False when it was already done."""
-        if self._done:
+        if self.done:
             return False
         self.cancelled = True
         self.fail(deadline_error(self.budget_ms))
@@ -119,7 +125,7 @@ class Job:
 
     async def wait_done(self) -> None:
         """Wait until the job is finished or failed (one waiter at most)."""
-        if self._done:
+        if self.done:
             await trio.lowlevel.checkpoint()
             return
         assert self._waiter is None, "a job has one waiting request"
@@ -142,11 +148,21 @@ class ShadowJob:
     per request cost a third of an in-process single-event score with one
     shadow on the route.
 
-    The scorer takes the job by reading ``matrix``: the parts are stacked
-    then, and later rows go to the next job.
+    The scorer closes the job with ``take`` on the event loop; the parts are
+    stacked when ``matrix`` is first read, which may be on a worker thread
+    because nothing adds to a taken job.  ``settled`` waits until the
+    calibrator has sampled the job's scores (or the model call failed).
     """
 
-    __slots__ = ("_matrix", "_parts", "_tenants", "predictor", "rows", "taken")
+    __slots__ = (
+        "_done",
+        "_matrix",
+        "_parts",
+        "_tenants",
+        "predictor",
+        "rows",
+        "taken",
+    )
 
     shadow = True
     cancelled = False
@@ -159,6 +175,7 @@ class ShadowJob:
         self._tenants: list[str] = []
         self._parts: list[np.ndarray] = []
         self._matrix: np.ndarray | None = None
+        self._done = trio.Event()
 
     def add(self, tenant: str, matrix: np.ndarray) -> None:
         assert not self.taken, "a taken shadow job is closed"
@@ -166,10 +183,14 @@ class ShadowJob:
         self._parts.append(matrix)
         self.rows += len(matrix)
 
+    def take(self) -> None:
+        """Close the job to new rows: the scorer has it."""
+        self.taken = True
+
     @property
     def matrix(self) -> np.ndarray:
+        assert self.taken, "stack a shadow job's rows only once it is taken"
         if self._matrix is None:
-            self.taken = True
             parts = self._parts
             self._matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return self._matrix
@@ -182,10 +203,15 @@ class ShadowJob:
         return np.repeat(codes, [len(part) for part in self._parts])
 
     def finish(self, scores: list[float]) -> None:
-        """Nothing waits for a shadow's scores."""
+        """Sampled: nobody waits for the scores, only for ``settled``."""
+        self._done.set()
 
     def fail(self, error: BaseException) -> None:
-        """Nothing waits for a shadow's scores; the scorer logged the error."""
+        """The scorer logged the error; the rows are lost to the sample."""
+        self._done.set()
+
+    async def settled(self) -> None:
+        await self._done.wait()
 
 
 AnyJob = Job | ShadowJob
@@ -208,8 +234,10 @@ class Scorer:
     Args:
         job_receive: the inbox.
         batch_send: where model outputs go (the calibrator's inbox).
-        yield_to: another inbox that has priority over this one (the shadow
-            scorer yields to the live inbox).
+        linger: seconds to let jobs gather after the first arrives (the
+            shadow scorer); 0 scores at once (the live scorer).
+        max_batch_rows: rows in one batch at most.
+        thread_rows: batches of this many rows run on a worker thread.
         observe_batch: called with the row count of every batch (metrics).
     """
 
@@ -219,14 +247,14 @@ class Scorer:
         | trio.MemoryReceiveChannel[ShadowJob],
         batch_send: trio.MemorySendChannel[ScoredBatch],
         *,
-        yield_to: trio.MemoryReceiveChannel[Job] | None = None,
+        linger: float = 0.0,
         max_batch_rows: int = MAX_BATCH_ROWS,
         thread_rows: int = THREAD_ROWS,
         observe_batch: Any = None,
     ) -> None:
         self._inbox = job_receive
         self._outbox = batch_send
-        self._yield_to = yield_to
+        self._linger = linger
         self._max_rows = max_batch_rows
         self._thread_rows = thread_rows
         self._observe = observe_batch
@@ -240,18 +268,15 @@ class Scorer:
         task_status.started()
         async with self._inbox, self._outbox:
             async for first in self._inbox:
-                if self._yield_to is not None:
-                    await self._wait_live_idle()
-                batch = self._collect(first)
+                if self._linger:
+                    # Also at shutdown: the inbox is closed but still holds
+                    # its jobs, and the pause only delays them.
+                    await trio.sleep(self._linger)
+                batch, rows = self._collect(first)
                 if batch:
-                    await self._score(batch)
+                    await self._score(batch, rows)
 
-    async def _wait_live_idle(self) -> None:
-        assert self._yield_to is not None
-        while self._yield_to.statistics().current_buffer_used:
-            await trio.sleep(_YIELD_PAUSE)
-
-    def _collect(self, first: AnyJob) -> list[AnyJob]:
+    def _collect(self, first: AnyJob) -> tuple[list[AnyJob], int]:
         batch: list[AnyJob] = []
         rows = 0
         job: AnyJob | None = first
@@ -259,18 +284,19 @@ class Scorer:
             if job.cancelled:
                 self._skipped += 1
             else:
+                if job.shadow:
+                    job.take()  # type: ignore[union-attr]
                 batch.append(job)
-                rows += len(job.matrix)
+                rows += job.rows
             if rows >= self._max_rows:
                 break
             try:
                 job = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 job = None
-        return batch
+        return batch, rows
 
-    async def _score(self, batch: list[AnyJob]) -> None:
-        rows = sum(len(job.matrix) for job in batch)
+    async def _score(self, batch: list[AnyJob], rows: int) -> None:
         self._batches += 1
         self._jobs += len(batch)
         self._rows += rows
@@ -308,7 +334,7 @@ class Scorer:
                 bounds = np.arange(len(jobs) + 1)
             else:
                 bounds = np.zeros(len(jobs) + 1, dtype=np.intp)
-                np.cumsum([len(job.matrix) for job in jobs], out=bounds[1:])
+                np.cumsum([job.rows for job in jobs], out=bounds[1:])
             outputs = {}
             for ref, model, columns in jobs[0].predictor.plan:
                 self._calls += 1

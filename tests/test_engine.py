@@ -102,7 +102,7 @@ async def test_shadow_fit_promote_and_rollback(
         for start in range(0, 4000, 200):
             chunk = events[start : start + 200]
             await engine.score(chunk[0]["tenant"], INTENT, chunk)
-        await trio.sleep(0.1)  # let the shadow scorer catch up
+        await engine.settle_shadows()
         assert len(engine.calibrator.sample(p2, "*", "shadow")) == 4000
 
         with pytest.raises(Exception, match="no fitted mapping"):
@@ -139,7 +139,7 @@ async def test_shadow_work_of_concurrent_requests_is_gathered_per_tenant(
         async with trio.open_nursery() as nursery:
             for i in range(requests):
                 nursery.start_soon(one, i)
-        await trio.sleep(0.1)  # let the shadow scorer catch up
+        await engine.settle_shadows()
         stats = engine.statistics()
         for k, tenant in enumerate(tenants):
             of_tenant = [e for i in range(k, requests, 5) for e in sent(i)]
@@ -183,7 +183,7 @@ async def test_restart_keeps_routes_mappings_and_samples(
     async with open_engine(registry, deadline_ms=5000, seed=5) as engine:
         p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
         await engine.score("bank-02", INTENT, events[:2000])
-        await trio.sleep(0.1)
+        await engine.settle_shadows()
         await engine.admin.fit_mapping(p2, min_sample=1000)
         await engine.admin.promote("*", INTENT, p2)
         before = await engine.score("bank-02", INTENT, events[2000:2010])

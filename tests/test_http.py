@@ -335,7 +335,7 @@ async def test_promotion_under_load_loses_nothing_and_never_mixes_versions(
         async with AsyncClient(url, setup["keys"]["bank-01"]) as client:
             for start in range(0, 3000, 500):
                 await client.score(INTENT, _plain(events[start : start + 500]))
-        await trio.sleep(0.2)
+        # The shadow fit waits for the shadow scorer to catch up by itself.
         async with AsyncClient(url, setup["admin"]) as admin:
             await admin.fit_mapping(p1, source="live", min_sample=1000)
             await admin.fit_mapping(p2, source="shadow", min_sample=1000)
