@@ -186,9 +186,8 @@ class Engine:
             # The admin key administers; it has no routes, thresholds or
             # samples of its own.
             raise Forbidden("the admin key cannot score; use a tenant key")
-        serving = self.router.serving
-        route = serving.table.resolve(tenant, intent)
-        live = serving.predictor(route.live)
+        plan = self.router.serving.plan(tenant, intent)
+        live = plan.live
         matrix = events.matrix(
             live.feature_names,
             allow_missing=live.allow_missing,
@@ -197,8 +196,7 @@ class Engine:
         count = len(events)
         if self._quotas:
             self._quotas.take(tenant, count, trio.current_time())
-        mapping = serving.mapping_for(live.ref, tenant)
-        job = Job(live, tenant, mapping, matrix)
+        job = Job(live, tenant, plan.mapping, matrix)
         try:
             self._live_send.send_nowait(job)
         except trio.WouldBlock:
@@ -206,12 +204,11 @@ class Engine:
             raise Overloaded("the live scoring queue is full; retry shortly") from None
         self._requests += 1
         self._events += count
-        if route.shadows:
-            self._queue_shadows(serving, route.shadows, tenant, events, matrix, live)
+        if plan.shadows:
+            self._queue_shadows(plan.shadows, tenant, events, matrix)
         await self._wait(job, deadline_ms)
         assert job.scores is not None
-        ref = live.ref
-        mapping_id = live.predictor.mapping_id_used(mapping)
+        ref, mapping_id = live.ref, plan.mapping_id
         return [
             {"id": i, "score": s, "predictor": ref, "mapping": mapping_id}
             for i, s in zip(events.labels(), job.scores)
@@ -243,24 +240,17 @@ class Engine:
 
     def _queue_shadows(
         self,
-        serving: Serving,
-        shadows: tuple[str, ...],
+        shadows: tuple[tuple[Any, bool], ...],
         tenant: str,
         events: EventBatch,
         matrix: Any,
-        live: Any,
     ) -> None:
-        for ref in shadows:
-            shadow = serving.predictors.get(ref)
+        for shadow, same_input in shadows:
             if shadow is None:
                 self._shadow_dropped += len(events)
                 continue
             rows = matrix
-            if (
-                shadow.feature_names != live.feature_names
-                or shadow.allow_missing != live.allow_missing
-                or shadow.allow_infinity != live.allow_infinity
-            ):
+            if not same_input:
                 try:
                     rows = events.matrix(
                         shadow.feature_names,

@@ -18,7 +18,7 @@ import numpy as np
 from muse._errors import NotFound, NotReady
 from muse._routes import RouteTable
 
-__all__ = ["LoadedPredictor", "Serving"]
+__all__ = ["LoadedPredictor", "RoutePlan", "Serving"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,6 +80,24 @@ class LoadedPredictor:
         return self.combine(outputs, mapping)
 
 
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """What one (tenant, intent) is served with in a snapshot, resolved once.
+
+    Attributes:
+        live: the live predictor.
+        mapping: its mapping for the tenant, or None.
+        mapping_id: the mapping id answers name (None when unmapped).
+        shadows: per shadow, the loaded predictor (None when it is not
+            loaded) and whether it takes the live predictor's matrix as is.
+    """
+
+    live: LoadedPredictor
+    mapping: Any
+    mapping_id: str | None
+    shadows: tuple[tuple[LoadedPredictor | None, bool], ...]
+
+
 @dataclass(frozen=True)
 class Serving:
     """Routes plus every predictor and mapping they need, at one version."""
@@ -91,6 +109,39 @@ class Serving:
     mappings: Mapping[str, Any] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    # (tenant, intent) -> RoutePlan, filled on first use.  The snapshot never
+    # changes, so neither do its plans; only routes that resolve are kept,
+    # so the entries are bounded by tenants x routed intents.
+    _plans: dict[tuple[str, str], RoutePlan] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def plan(self, tenant: str, intent: str) -> RoutePlan:
+        """How (tenant, intent) is served.
+
+        Raises:
+            NotFound: no route for the intent.
+            NotReady: the route names a predictor that is not loaded.
+        """
+        found = self._plans.get((tenant, intent))
+        if found is None:
+            route = self.table.resolve(tenant, intent)
+            live = self.predictor(route.live)
+            mapping = self.mapping_for(live.ref, tenant)
+            shadows = []
+            for ref in route.shadows:
+                shadow = self.predictors.get(ref)
+                same = shadow is not None and (
+                    shadow.feature_names,
+                    shadow.allow_missing,
+                    shadow.allow_infinity,
+                ) == (live.feature_names, live.allow_missing, live.allow_infinity)
+                shadows.append((shadow, same))
+            found = RoutePlan(
+                live, mapping, live.predictor.mapping_id_used(mapping), tuple(shadows)
+            )
+            self._plans[(tenant, intent)] = found
+        return found
 
     def predictor(self, ref: str) -> LoadedPredictor:
         """A loaded predictor.
