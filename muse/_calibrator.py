@@ -76,7 +76,6 @@ class Job(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
 
-
 @dataclass(frozen=True, slots=True)
 class ScoredGroup:
     """Model outputs for jobs of one predictor, stacked in job order.
@@ -86,12 +85,14 @@ class ScoredGroup:
         jobs: the jobs: live ``Job``s, or the scorer's ``ShadowJob``s.
         bounds: job i owns rows ``bounds[i]:bounds[i+1]``.
         outputs: model ref -> positive-class probabilities of all rows.
+        matrix: the model input, the jobs' rows stacked.
     """
 
     predictor: Any
     jobs: Sequence[Any]
     bounds: np.ndarray
     outputs: Mapping[str, np.ndarray]
+    matrix: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)

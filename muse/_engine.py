@@ -3,15 +3,18 @@
 ``open_engine`` starts, in one trio nursery, the router, a live scorer, a
 shadow scorer and the calibrator, connected by bounded memory channels::
 
-    score() --Job--> live scorer ---ScoredBatch--> calibrator --> answer
-       \\---Job--> shadow scorer --ScoredBatch--/   (samples, edge shares)
-    admin ops --Change--> router  (publishes to the registry, swaps snapshot)
+    score() --Job--> live scorer ----------ScoredBatch----------> calibrator
+                        \\--rows--> ShadowJob --> shadow scorer --/   |
+    admin ops --Change--> router   (swaps the snapshot)        answers, samples
 
 A scoring request resolves its route once against the router's snapshot,
 queues a job without waiting (a full queue is an immediate ``Overloaded``),
-queues shadow jobs the same way (a full shadow queue drops them, counted),
-then waits for its own job until its deadline.  The HTTP app is a thin layer
-over this object; a trio application can use it directly.
+then waits for its own job until its deadline.  The live scorer hands each
+batch's rows on to the route's shadows, gathered into one open
+``ShadowJob`` per shadow predictor (a full shadow queue drops them,
+counted); a shadow that reads other features gets its rows from the request
+itself.  The HTTP app is a thin layer over this object; a trio application
+can use it directly.
 
 Admin operations are methods too.  Each writes to the registry before it
 takes effect, so a restarted engine comes back with the same state.
@@ -27,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 
 from muse._admin import Admin
-from muse._calibrator import Calibrator, ScoredBatch
+from muse._calibrator import Calibrator, ScoredBatch, ScoredGroup
 from muse._deadlines import DeadlineWatch
 from muse._errors import (
     DeadlineExceeded,
@@ -112,7 +116,12 @@ class Engine:
         change_send, change_receive = trio.open_memory_channel[Change](CHANGE_BUFFER)
         self._live_send, self._shadow_send = live_send, shadow_send
         self._change_send = change_send
-        self.live_scorer = Scorer(live_receive, batch_send, observe_batch=self._observe)
+        self.live_scorer = Scorer(
+            live_receive,
+            batch_send,
+            observe_batch=self._observe,
+            forward=self._forward_shadows,
+        )
         self.shadow_scorer = Scorer(
             shadow_receive,
             batch_send.clone(),
@@ -196,7 +205,7 @@ class Engine:
         count = len(events)
         if self._quotas:
             self._quotas.take(tenant, count, trio.current_time())
-        job = Job(live, tenant, plan.mapping, matrix)
+        job = Job(live, tenant, plan.mapping, matrix, plan.forwarded)
         try:
             self._live_send.send_nowait(job)
         except trio.WouldBlock:
@@ -204,8 +213,8 @@ class Engine:
             raise Overloaded("the live scoring queue is full; retry shortly") from None
         self._requests += 1
         self._events += count
-        if plan.shadows:
-            self._queue_shadows(plan.shadows, tenant, events, matrix)
+        if plan.own_input:
+            self._queue_shadows(plan.own_input, tenant, events)
         await self._wait(job, deadline_ms)
         assert job.scores is not None
         ref, mapping_id = live.ref, plan.mapping_id
@@ -239,34 +248,57 @@ class Engine:
             raise InternalError(f"scoring failed: {job.error!r}") from job.error
 
     def _queue_shadows(
-        self,
-        shadows: tuple[tuple[Any, bool], ...],
-        tenant: str,
-        events: EventBatch,
-        matrix: Any,
+        self, shadows: tuple[Any, ...], tenant: str, events: EventBatch
     ) -> None:
-        for shadow, same_input in shadows:
-            if shadow is None:
+        """Rows for shadows that read other features than the live predictor."""
+        for shadow in shadows:
+            if shadow is None:  # routed but not loaded
                 self._shadow_dropped += len(events)
                 continue
-            rows = matrix
-            if not same_input:
-                try:
-                    rows = events.matrix(
-                        shadow.feature_names,
-                        allow_missing=shadow.allow_missing,
-                        allow_infinity=shadow.allow_infinity,
-                    )
-                except MuseError:
-                    # The live answer stands; a shadow that cannot take
-                    # these events just does not see them.
-                    self._shadow_dropped += len(events)
-                    continue
-            job = self._shadow_job(shadow)
-            if job is None:
+            try:
+                rows = events.matrix(
+                    shadow.feature_names,
+                    allow_missing=shadow.allow_missing,
+                    allow_infinity=shadow.allow_infinity,
+                )
+            except MuseError:
+                # The live answer stands; a shadow that cannot take these
+                # events just does not see them.
                 self._shadow_dropped += len(events)
-            else:
-                job.add(tenant, rows)
+                continue
+            self._add_shadow_rows(shadow, [tenant], [len(rows)], rows)
+
+    def _forward_shadows(self, group: ScoredGroup) -> None:
+        """Hand a live batch's rows to the shadows that take them as they are.
+
+        Called by the live scorer once per scored group, so the cost is per
+        batch, not per request, when the group's jobs share their shadows
+        (one route, the usual case).
+        """
+        jobs = group.jobs
+        shadows = jobs[0].shadows
+        if any(job.shadows != shadows for job in jobs):
+            # Routes with other shadows in one batch: job by job.
+            for job in jobs:
+                for shadow in job.shadows:
+                    self._add_shadow_rows(shadow, [job.tenant], [job.rows], job.matrix)
+            return
+        if not shadows:
+            return
+        tenants = [job.tenant for job in jobs]
+        matrix = group.matrix
+        counts = None if len(matrix) == len(jobs) else np.diff(group.bounds)
+        for shadow in shadows:
+            self._add_shadow_rows(shadow, tenants, counts, matrix)
+
+    def _add_shadow_rows(
+        self, shadow: Any, tenants: list[str], counts: Any, matrix: Any
+    ) -> None:
+        job = self._shadow_job(shadow)
+        if job is None:
+            self._shadow_dropped += len(matrix)
+        else:
+            job.add(tenants, counts, matrix)
 
     def _shadow_job(self, shadow: Any) -> ShadowJob | None:
         """The shadow predictor's open job, or None when the queue is full.

@@ -74,6 +74,7 @@ class Job:
         "predictor",
         "rows",
         "scores",
+        "shadows",
         "tenant",
     )
 
@@ -83,12 +84,15 @@ class Job:
         tenant: str,
         mapping: Any,
         matrix: np.ndarray,
+        shadows: tuple[Any, ...] = (),
     ) -> None:
         self.predictor = predictor
         self.tenant = tenant
         self.mapping = mapping
         self.matrix = matrix
         self.rows = len(matrix)
+        # Shadow predictors the live scorer hands this job's rows to.
+        self.shadows = shadows
         self.cancelled = False
         self.scores: list[float] | None = None
         self.error: BaseException | None = None
@@ -141,12 +145,13 @@ class Job:
 class ShadowJob:
     """Events of many requests for one shadow predictor, scored as one job.
 
-    Nobody waits for a shadow's scores, so a request does not queue a job of
-    its own for each shadow: it appends its rows to the shadow predictor's
-    open job (``add``), and the engine queues a new one only once the scorer
-    has taken the last (``taken``) or it holds ``SHADOW_JOB_ROWS``.  A job
-    per request cost a third of an in-process single-event score with one
-    shadow on the route.
+    Nobody waits for a shadow's scores, so no request queues a job of its
+    own for a shadow.  The live scorer hands each batch's stacked rows to
+    the shadow predictor's open job (``add``), as do requests whose shadow
+    reads other features, and the engine queues a new job only once the
+    scorer has taken the last (``taken``) or it holds ``SHADOW_JOB_ROWS``.
+    A job per request cost a third of an in-process single-event score with
+    one shadow on the route, and a part per request still cost a tenth.
 
     The scorer closes the job with ``take`` on the event loop; the parts are
     stacked when ``matrix`` is first read, which may be on a worker thread
@@ -172,14 +177,17 @@ class ShadowJob:
         self.predictor = predictor
         self.rows = 0
         self.taken = False
-        self._tenants: list[str] = []
+        # Per part: its tenants, and how many rows each owns (None: one each).
+        self._tenants: list[tuple[list[str], Any]] = []
         self._parts: list[np.ndarray] = []
         self._matrix: np.ndarray | None = None
         self._done = trio.Event()
 
-    def add(self, tenant: str, matrix: np.ndarray) -> None:
+    def add(self, tenants: list[str], counts: Any, matrix: np.ndarray) -> None:
+        """Add rows: ``tenants[i]`` owns ``counts[i]`` consecutive rows, or
+        one row when ``counts`` is None."""
         assert not self.taken, "a taken shadow job is closed"
-        self._tenants.append(tenant)
+        self._tenants.append((tenants, counts))
         self._parts.append(matrix)
         self.rows += len(matrix)
 
@@ -197,10 +205,11 @@ class ShadowJob:
 
     def tenant_codes(self, code: Callable[[str], int]) -> np.ndarray:
         """Each row's tenant, as ``code(tenant)`` gives it."""
-        codes = np.fromiter(map(code, self._tenants), np.int64, len(self._tenants))
-        if len(codes) == self.rows:
-            return codes
-        return np.repeat(codes, [len(part) for part in self._parts])
+        parts = []
+        for tenants, counts in self._tenants:
+            codes = np.fromiter(map(code, tenants), np.int64, len(tenants))
+            parts.append(codes if counts is None else np.repeat(codes, counts))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def finish(self, scores: list[float]) -> None:
         """Sampled: nobody waits for the scores, only for ``settled``."""
@@ -239,6 +248,9 @@ class Scorer:
         max_batch_rows: rows in one batch at most.
         thread_rows: batches of this many rows run on a worker thread.
         observe_batch: called with the row count of every batch (metrics).
+        forward: called on the event loop with each scored ``ScoredGroup``
+            before it goes to the calibrator (the live scorer hands rows to
+            shadows this way).
     """
 
     def __init__(
@@ -251,6 +263,7 @@ class Scorer:
         max_batch_rows: int = MAX_BATCH_ROWS,
         thread_rows: int = THREAD_ROWS,
         observe_batch: Any = None,
+        forward: Callable[[ScoredGroup], None] | None = None,
     ) -> None:
         self._inbox = job_receive
         self._outbox = batch_send
@@ -258,6 +271,7 @@ class Scorer:
         self._max_rows = max_batch_rows
         self._thread_rows = thread_rows
         self._observe = observe_batch
+        self._forward = forward
         self._batches = self._jobs = self._rows = 0
         self._calls = self._threaded = self._skipped = self._largest = 0
 
@@ -316,6 +330,9 @@ class Scorer:
             for job in batch:
                 job.fail(exc)
             return
+        if self._forward is not None:
+            for group in outputs:
+                self._forward(group)
         await self._outbox.send(ScoredBatch(outputs))
 
     def _predict(self, batch: list[AnyJob]) -> list[ScoredGroup]:
@@ -340,7 +357,9 @@ class Scorer:
                 self._calls += 1
                 rows = stacked if columns is None else stacked[:, columns]
                 outputs[ref] = model.predict(np.ascontiguousarray(rows))
-            groups.append(ScoredGroup(jobs[0].predictor, jobs, bounds, outputs))
+            groups.append(
+                ScoredGroup(jobs[0].predictor, jobs, bounds, outputs, stacked)
+            )
         return groups
 
     def statistics(self) -> ScorerStatistics:

@@ -58,7 +58,9 @@ class LoadedPredictor:
         object.__setattr__(self, "ref", str(self.predictor.ref))
         object.__setattr__(self, "feature_names", tuple(names))
         object.__setattr__(
-            self, "allow_missing", all(getattr(m, "allows_missing", True) for m in models)
+            self,
+            "allow_missing",
+            all(getattr(m, "allows_missing", True) for m in models),
         )
         object.__setattr__(
             self,
@@ -88,14 +90,17 @@ class RoutePlan:
         live: the live predictor.
         mapping: its mapping for the tenant, or None.
         mapping_id: the mapping id answers name (None when unmapped).
-        shadows: per shadow, the loaded predictor (None when it is not
-            loaded) and whether it takes the live predictor's matrix as is.
+        forwarded: shadows that take the live predictor's matrix as it is
+            (see ``_takes_rows_of``): the live scorer hands them its batches.
+        own_input: the other shadows, whose rows each request reads itself;
+            None for a shadow that is not loaded.
     """
 
     live: LoadedPredictor
     mapping: Any
     mapping_id: str | None
-    shadows: tuple[tuple[LoadedPredictor | None, bool], ...]
+    forwarded: tuple[LoadedPredictor, ...]
+    own_input: tuple[LoadedPredictor | None, ...]
 
 
 @dataclass(frozen=True)
@@ -106,9 +111,7 @@ class Serving:
     predictors: Mapping[str, LoadedPredictor] = field(
         default_factory=lambda: MappingProxyType({})
     )
-    mappings: Mapping[str, Any] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    mappings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     # (tenant, intent) -> RoutePlan, filled on first use.  The snapshot never
     # changes, so neither do its plans; only routes that resolve are kept,
     # so the entries are bounded by tenants x routed intents.
@@ -128,17 +131,19 @@ class Serving:
             route = self.table.resolve(tenant, intent)
             live = self.predictor(route.live)
             mapping = self.mapping_for(live.ref, tenant)
-            shadows = []
+            forwarded, own_input = [], []
             for ref in route.shadows:
                 shadow = self.predictors.get(ref)
-                same = shadow is not None and (
-                    shadow.feature_names,
-                    shadow.allow_missing,
-                    shadow.allow_infinity,
-                ) == (live.feature_names, live.allow_missing, live.allow_infinity)
-                shadows.append((shadow, same))
+                if shadow is not None and _takes_rows_of(shadow, live):
+                    forwarded.append(shadow)
+                else:
+                    own_input.append(shadow)
             found = RoutePlan(
-                live, mapping, live.predictor.mapping_id_used(mapping), tuple(shadows)
+                live,
+                mapping,
+                live.predictor.mapping_id_used(mapping),
+                tuple(forwarded),
+                tuple(own_input),
             )
             self._plans[(tenant, intent)] = found
         return found
@@ -185,3 +190,14 @@ class Serving:
         if found is None:
             raise NotFound(f"predictor {ref} is not loaded (declare it first)")
         return found
+
+
+def _takes_rows_of(shadow: LoadedPredictor, live: LoadedPredictor) -> bool:
+    """Whether every matrix the live predictor accepts suits the shadow too:
+    the same columns, and no value refused that the live one lets through
+    (a matrix's values do not depend on the rules, only its refusal does)."""
+    return (
+        shadow.feature_names == live.feature_names
+        and (shadow.allow_missing or not live.allow_missing)
+        and (shadow.allow_infinity or not live.allow_infinity)
+    )

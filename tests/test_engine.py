@@ -153,6 +153,53 @@ async def test_shadow_work_of_concurrent_requests_is_gathered_per_tenant(
     assert 0 < stats.shadow_jobs < requests
 
 
+async def test_shadows_of_mixed_routes_and_other_features_see_their_own_rows(
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    """One batch can hold requests of routes with other shadows, and a shadow
+    can read its features in another order: each shadow still samples
+    exactly the rows of the requests routed to it."""
+    requests = 200
+    tenants = [f"bank-{k:02d}" for k in range(4)]
+    async with open_engine(registry_path, deadline_ms=5000, seed=6) as engine:
+        p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
+        v2 = engine.router.serving.predictors[p2].predictor.model_refs[0]
+        reordered = {**_spec(v2), "features": list(reversed(FEATURES))}
+        p3 = (await engine.admin.put_predictor("fraud-rev", reordered))["ref"]
+        # bank-01: p2 from the live batch and p3 from its own rows;
+        # bank-02: no shadow at all; the others: p2 through the * route.
+        await engine.admin.set_route("bank-01", INTENT, p1, (p2, p3))
+        await engine.admin.set_route("bank-02", INTENT, p1, ())
+
+        def sent(i: int) -> list[dict]:
+            return events[4 * i : 4 * i + 1 + i % 2 * 2]
+
+        async def one(i: int) -> None:
+            await engine.score(tenants[i % 4], INTENT, sent(i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(requests):
+                nursery.start_soon(one, i)
+        await engine.settle_shadows()
+        for k, tenant in enumerate(tenants):
+            of_tenant = [e for i in range(k, requests, 4) for e in sent(i)]
+            p2_sample = np.sort(engine.calibrator.sample(p2, tenant, "shadow"))
+            p3_sample = np.sort(engine.calibrator.sample(p3, tenant, "shadow"))
+            if tenant == "bank-02":
+                assert len(p2_sample) == 0
+            else:
+                np.testing.assert_array_equal(
+                    p2_sample, np.sort(expected_premapped(engine, p2, of_tenant))
+                )
+            if tenant == "bank-01":
+                np.testing.assert_array_equal(
+                    p3_sample, np.sort(expected_premapped(engine, p3, of_tenant))
+                )
+            else:
+                assert len(p3_sample) == 0
+        assert engine.statistics().shadow_dropped == 0
+
+
 async def test_overload_sheds_instead_of_queueing(
     registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
