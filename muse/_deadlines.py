@@ -98,9 +98,18 @@ class DeadlineWatch:
             self._sleep, self._target = None, math.inf
             now = trio.current_time()
             while heap and (heap[0][2].done or heap[0][0] <= now):
-                self._expire(heapq.heappop(heap)[2])
-            while in_order and (in_order[0][1].done or in_order[0][0] <= now):
-                self._expire(in_order.popleft()[1])
+                job = heapq.heappop(heap)[2]
+                if not job.done:
+                    self._expire(job)
+            while in_order:
+                deadline, job = in_order[0]
+                if job.done:
+                    in_order.popleft()
+                elif deadline <= now:
+                    in_order.popleft()
+                    self._expire(job)
+                else:
+                    break
 
     def _expire(self, job: Any) -> None:
         if job.expire():
