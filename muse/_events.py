@@ -28,6 +28,7 @@ import numpy as np
 from muse._fast import read_event_dicts, read_score_body
 from muse._wire import (
     MSGPACK,
+    REFUSED,
     build_matrix,
     check_matrix,
     decode_body,
@@ -106,14 +107,16 @@ class DecodedEvents:
                 allow_missing=allow_missing,
                 allow_infinity=allow_infinity,
             )
-        self._labels, matrix = plain
-        check_matrix(
-            matrix,
-            self._labels,
-            names,
-            allow_missing=allow_missing,
-            allow_infinity=allow_infinity,
-        )
+        self._labels, matrix, flags = plain
+        if flags & REFUSED[allow_missing, allow_infinity]:
+            # Refused: find the culprit and name it.
+            check_matrix(
+                matrix,
+                self._labels,
+                names,
+                allow_missing=allow_missing,
+                allow_infinity=allow_infinity,
+            )
         return matrix
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "parse_score_request",
     "build_matrix",
     "check_matrix",
+    "REFUSED",
 ]
 
 MSGPACK = "application/msgpack"
@@ -366,7 +367,7 @@ def check_matrix(
             the model cannot take, or an event with none of the features.
     """
     flags = matrix_flags(matrix)
-    if not flags & _REFUSED[allow_missing, allow_infinity]:
+    if not flags & REFUSED[allow_missing, allow_infinity]:
         return
     if not allow_infinity and flags & HAS_INFINITY:
         _refuse(np.isinf(matrix), matrix, labels, names, "is {value!r}; this "
@@ -390,7 +391,7 @@ def check_matrix(
 _STR = frozenset({str})
 # The ``matrix_flags`` bits that refuse a matrix, by (allow_missing,
 # allow_infinity): an empty row always does.
-_REFUSED = {
+REFUSED = {
     (True, True): HAS_EMPTY_ROW,
     (True, False): HAS_EMPTY_ROW | HAS_INFINITY,
     (False, True): HAS_EMPTY_ROW | HAS_MISSING,

@@ -442,7 +442,8 @@ def _assert_dicts_match(reader: Callable[..., Any], events: Any) -> bool:
     plain = reader(events, FEATURES)
     if plain is None:
         return False
-    labels, matrix = plain
+    labels, matrix, flags = plain
+    assert flags == _events_reference.matrix_flags(matrix)
     assert labels == event_ids(events)
     assert [type(label) for label in labels] == [type(i) for i in event_ids(events)]
     for row, event in zip(matrix, events, strict=True):

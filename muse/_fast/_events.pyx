@@ -540,23 +540,29 @@ def read_event_dicts(events, tuple names not None):
         names: the feature names, in the model's column order.
 
     Returns:
-        ``(labels, matrix)``: each event's id (its index where it has none or
-        nil) and a float64 matrix with NaN for absent, nil and NaN values.
-        None when any event is not of the plain shape (a dict with string
-        keys whose ``features`` is a dict with string keys, an id that is a
+        ``(labels, matrix, flags)``: each event's id (its index where it has
+        none or nil), a float64 matrix with NaN for absent, nil and NaN
+        values, and the matrix's ``matrix_flags``, found on the way.  None
+        when any event is not of the plain shape (a dict with string keys
+        whose ``features`` is a dict with string keys, an id that is a
         string, an integer or nil, and a float, nil or exactly representable
         integer under each of ``names``): ``build_matrix`` then decides.
     """
     if type(events) is not list and type(events) is not tuple:
         return None
     cdef Py_ssize_t count = len(events), width = len(names)
-    cdef Py_ssize_t row, col, pos
+    cdef Py_ssize_t row, col, pos, present
     cdef PyObject* key
     cdef PyObject* item
     cdef PyObject* found
     cdef int overflow
+    cdef int flags = 0
     cdef long long whole
-    cdef cnp.ndarray out = np.empty((count, width), dtype=np.float64)
+    cdef double value
+    cdef cnp.npy_intp dims[2]
+    dims[0] = count
+    dims[1] = width
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(2, dims, cnp.NPY_DOUBLE, 0)
     cdef double* cells = <double*>cnp.PyArray_DATA(out)
     labels = []
     for row in range(count):
@@ -581,18 +587,28 @@ def read_event_dicts(events, tuple names not None):
         while PyDict_Next(features, &pos, &key, &item):
             if type(<object>key) is not str:
                 return None
+        present = 0
         for col in range(width):
             found = PyDict_GetItem(features, names[col])
             if found == NULL or <object>found is None:
-                cells[row * width + col] = NAN
+                value = NAN
             elif type(<object>found) is float:
-                cells[row * width + col] = PyFloat_AS_DOUBLE(<object>found)
+                value = PyFloat_AS_DOUBLE(<object>found)
             elif type(<object>found) is int:
                 whole = PyLong_AsLongLongAndOverflow(<object>found, &overflow)
                 if overflow or whole > MAX_EXACT_INT or whole < -MAX_EXACT_INT:
                     return None
-                cells[row * width + col] = <double>whole
+                value = <double>whole
             else:
                 return None
+            if value != value:
+                flags |= _MISSING
+            else:
+                present += 1
+                if value - value != 0:  # only infinities give NaN here
+                    flags |= _INFINITY
+            cells[row * width + col] = value
+        if present == 0:
+            flags |= _EMPTY_ROW
         labels.append(label)
-    return labels, out
+    return labels, out, flags

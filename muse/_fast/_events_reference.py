@@ -143,8 +143,9 @@ def matrix_flags(matrix: np.ndarray) -> int:
 
 def read_event_dicts(
     events: Any, names: tuple[str, ...]
-) -> tuple[list[Any], np.ndarray] | None:
-    """Model input from plain event dicts, or None (see ``_events.pyx``)."""
+) -> tuple[list[Any], np.ndarray, int] | None:
+    """Model input and its flags from plain event dicts, or None (see
+    ``_events.pyx``)."""
     if type(events) not in (list, tuple):
         return None
     labels: list[Any] = []
@@ -173,4 +174,5 @@ def read_event_dicts(
                 return None
         labels.append(label)
         rows.append(values)
-    return labels, np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
+    matrix = np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
+    return labels, matrix, matrix_flags(matrix)
