@@ -37,8 +37,8 @@ from muse._wire import (
 )
 
 __all__ = [
-    "EventBatch",
     "DecodedEvents",
+    "EventBatch",
     "PackedEvents",
     "ScoreCall",
     "read_score_call",
@@ -129,7 +129,7 @@ class PackedEvents:
         values: float64, shape (events, names), NaN where absent or nil.
     """
 
-    __slots__ = ("_labels", "_names", "_values", "_cache")
+    __slots__ = ("_cache", "_labels", "_names", "_values")
 
     def __init__(
         self, labels: list[Any], names: list[str], values: np.ndarray

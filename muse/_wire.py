@@ -28,16 +28,16 @@ from muse._errors import BadRequest, InvalidEvent, PayloadTooLarge, UnsupportedM
 from muse._fast import HAS_EMPTY_ROW, HAS_INFINITY, HAS_MISSING, matrix_flags
 
 __all__ = [
-    "MSGPACK",
     "JSON",
-    "media_type",
-    "decode_body",
-    "encode_body",
+    "MSGPACK",
+    "REFUSED",
     "ScoreRequest",
-    "parse_score_request",
     "build_matrix",
     "check_matrix",
-    "REFUSED",
+    "decode_body",
+    "encode_body",
+    "media_type",
+    "parse_score_request",
 ]
 
 MSGPACK = "application/msgpack"
