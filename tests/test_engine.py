@@ -121,6 +121,19 @@ async def test_shadow_fit_promote_and_rollback(
         assert {r["predictor"] for r in results} == {p1}
 
 
+async def _score_all_at_once(engine, tenants: list[str], requests: int, sent) -> None:
+    """Start every request at once (request i for tenant i mod len(tenants)),
+    so batches mix them; return once their shadow scores are sampled."""
+
+    async def one(i: int) -> None:
+        await engine.score(tenants[i % len(tenants)], INTENT, sent(i))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(requests):
+            nursery.start_soon(one, i)
+    await engine.settle_shadows()
+
+
 async def test_shadow_work_of_concurrent_requests_is_gathered_per_tenant(
     registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
@@ -133,13 +146,7 @@ async def test_shadow_work_of_concurrent_requests_is_gathered_per_tenant(
             # Mixed sizes, so a shadow job stacks parts of 1 and 3 rows.
             return events[4 * i : 4 * i + 1 + i % 2 * 2]
 
-        async def one(i: int) -> None:
-            await engine.score(tenants[i % 5], INTENT, sent(i))
-
-        async with trio.open_nursery() as nursery:
-            for i in range(requests):
-                nursery.start_soon(one, i)
-        await engine.settle_shadows()
+        await _score_all_at_once(engine, tenants, requests, sent)
         stats = engine.statistics()
         for k, tenant in enumerate(tenants):
             of_tenant = [e for i in range(k, requests, 5) for e in sent(i)]
@@ -174,13 +181,7 @@ async def test_shadows_of_mixed_routes_and_other_features_see_their_own_rows(
         def sent(i: int) -> list[dict]:
             return events[4 * i : 4 * i + 1 + i % 2 * 2]
 
-        async def one(i: int) -> None:
-            await engine.score(tenants[i % 4], INTENT, sent(i))
-
-        async with trio.open_nursery() as nursery:
-            for i in range(requests):
-                nursery.start_soon(one, i)
-        await engine.settle_shadows()
+        await _score_all_at_once(engine, tenants, requests, sent)
         for k, tenant in enumerate(tenants):
             of_tenant = [e for i in range(k, requests, 4) for e in sent(i)]
             p2_sample = np.sort(engine.calibrator.sample(p2, tenant, "shadow"))

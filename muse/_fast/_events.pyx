@@ -492,6 +492,17 @@ HAS_MISSING = _MISSING
 HAS_EMPTY_ROW = _EMPTY_ROW
 
 
+cdef inline int _value_flags(double value, Py_ssize_t* present) noexcept nogil:
+    """The ``matrix_flags`` bits one value sets; a value not missing is
+    counted in ``present``."""
+    if value != value:
+        return _MISSING
+    present[0] += 1
+    if value - value != 0:  # only infinities give NaN here
+        return _INFINITY
+    return 0
+
+
 def matrix_flags(cnp.ndarray matrix not None):
     """What a C-contiguous float64 2-D matrix holds that a model may refuse.
 
@@ -511,19 +522,12 @@ def matrix_flags(cnp.ndarray matrix not None):
     cdef Py_ssize_t rows = cnp.PyArray_DIM(matrix, 0)
     cdef Py_ssize_t cols = cnp.PyArray_DIM(matrix, 1)
     cdef Py_ssize_t row, col, present
-    cdef double value
     cdef int flags = 0
     with nogil:
         for row in range(rows):
             present = 0
             for col in range(cols):
-                value = cells[row * cols + col]
-                if value != value:
-                    flags |= _MISSING
-                else:
-                    present += 1
-                    if value - value != 0:  # only infinities give NaN here
-                        flags |= _INFINITY
+                flags |= _value_flags(cells[row * cols + col], &present)
             if present == 0:
                 flags |= _EMPTY_ROW
     return flags
@@ -601,12 +605,7 @@ def read_event_dicts(events, tuple names not None):
                 value = <double>whole
             else:
                 return None
-            if value != value:
-                flags |= _MISSING
-            else:
-                present += 1
-                if value - value != 0:  # only infinities give NaN here
-                    flags |= _INFINITY
+            flags |= _value_flags(value, &present)
             cells[row * width + col] = value
         if present == 0:
             flags |= _EMPTY_ROW
