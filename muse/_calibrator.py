@@ -160,7 +160,8 @@ class CalibratorStatistics:
 
 
 class _EdgeCounter:
-    def __init__(self, curve: Sequence[tuple[float, float]]) -> None:
+    def __init__(self, curve: Sequence[tuple[float, float]], code: int) -> None:
+        self.code = code  # the calibrator's number for ``curve``
         self.edges = np.array([e for e, _ in curve])
         self.targets = tuple(t for _, t in curve)
         self.counts = np.zeros(len(curve), dtype=np.int64)
@@ -178,7 +179,8 @@ class _Pending:
     tenants: list[np.ndarray] = field(default_factory=list)
     premapped: list[np.ndarray] = field(default_factory=list)
     served: list[np.ndarray] = field(default_factory=list)
-    curve: Any = None
+    # Per served row, the number of the curve its mapping maps onto.
+    curves: list[np.ndarray] = field(default_factory=list)
     rows: int = 0
 
 
@@ -213,6 +215,11 @@ class Calibrator:
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._tenant_codes: dict[str, int] = {}
         self._tenant_names: list[str] = []
+        # Reference curves by number; 0 is the default, which unmapped
+        # scores are watched against.
+        default = tuple(sorted(DEFAULT_CURVE.items()))
+        self._curves: list[Any] = [default]
+        self._curve_codes: dict[Any, int] = {default: 0}
         self._dirty: set[tuple[str, str, str]] = set()
         self._batches = self._jobs = self._events = 0
 
@@ -240,6 +247,15 @@ class Calibrator:
         if found is None:
             found = self._reservoirs[key] = Reservoir(self._capacity, self._rng)
         return found
+
+    def _curve_code(self, mapping: Any) -> int:
+        if mapping is None:
+            return 0
+        code = self._curve_codes.get(mapping.curve)
+        if code is None:
+            code = self._curve_codes[mapping.curve] = len(self._curves)
+            self._curves.append(mapping.curve)
+        return code
 
     def _code(self, tenant: str) -> int:
         code = self._tenant_codes.get(tenant)
@@ -296,7 +312,7 @@ class Calibrator:
             for job in jobs:
                 job.finish([])
         else:
-            served = self._map(jobs, bounds, premapped)
+            served, curves = self._map(jobs, bounds, premapped)
             # Requests answer with Python floats: convert once per group,
             # not once per job.
             scores, edges = served.tolist(), bounds.tolist()
@@ -310,28 +326,30 @@ class Calibrator:
                 tenants = np.repeat(tenants, np.diff(bounds))
             pending.tenants.append(tenants)
             pending.served.append(served)
-            if pending.curve is None and jobs[0].mapping is not None:
-                pending.curve = jobs[0].mapping.curve
+            pending.curves.append(curves)
         pending.premapped.append(premapped)
         pending.rows += len(premapped)
         if pending.rows >= FOLD_ROWS:
             self._fold(*key)
 
-    @staticmethod
     def _map(
-        jobs: Sequence[Job], bounds: np.ndarray, premapped: np.ndarray
-    ) -> np.ndarray:
+        self, jobs: Sequence[Job], bounds: np.ndarray, premapped: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Served scores, and per row the number of its mapping's curve."""
         first = jobs[0].mapping
         if all(job.mapping is first for job in jobs):
-            return premapped if first is None else first.apply(premapped)
+            served = premapped if first is None else first.apply(premapped)
+            code = self._curve_code(first)
+            return served, np.full(len(premapped), code, dtype=np.int64)
         # Tenants with mappings of their own: map each job's slice.
         served = np.empty_like(premapped)
+        curves = np.empty(len(premapped), dtype=np.int64)
         for index, job in enumerate(jobs):
-            part = premapped[bounds[index] : bounds[index + 1]]
-            served[bounds[index] : bounds[index + 1]] = (
-                part if job.mapping is None else job.mapping.apply(part)
-            )
-        return served
+            rows = slice(bounds[index], bounds[index + 1])
+            part = premapped[rows]
+            served[rows] = part if job.mapping is None else job.mapping.apply(part)
+            curves[rows] = self._curve_code(job.mapping)
+        return served, curves
 
     def _fold(self, predictor: str, source: str) -> None:
         pending = self._pending.pop((predictor, source), None)
@@ -340,14 +358,16 @@ class Calibrator:
         codes = np.concatenate(pending.tenants)
         premapped = np.concatenate(pending.premapped)
         served = np.concatenate(pending.served) if pending.served else None
+        curves = np.concatenate(pending.curves) if pending.curves else None
         self._add(predictor, ANY_TENANT, source, premapped)
+        # A stable sort keeps each tenant's rows in the order they were served.
         order = np.argsort(codes, kind="stable")
         cut = np.flatnonzero(np.diff(codes[order])) + 1
         for part in np.split(order, cut):
             tenant = self._tenant_names[codes[part[0]]]
             self._add(predictor, tenant, source, premapped[part])
-            if served is not None:
-                self._count(predictor, tenant, pending.curve, served[part])
+            if served is not None and curves is not None:
+                self._count(predictor, tenant, curves[part], served[part])
 
     def _add(
         self, predictor: str, tenant: str, source: str, scores: np.ndarray
@@ -356,13 +376,22 @@ class Calibrator:
         self._dirty.add((predictor, tenant, source))
 
     def _count(
-        self, predictor: str, tenant: str, curve: Any, served: np.ndarray
+        self, predictor: str, tenant: str, curves: np.ndarray, served: np.ndarray
     ) -> None:
-        counter = self._edges.get((predictor, tenant))
-        if counter is None:
-            pairs = curve if curve is not None else sorted(DEFAULT_CURVE.items())
-            counter = self._edges[(predictor, tenant)] = _EdgeCounter(pairs)
-        counter.add(served)
+        """Count served scores at the edges of the curve each was mapped onto.
+
+        A tenant's counter follows its current curve: when a new mapping
+        brings another curve, counting starts afresh against its edges and
+        targets, since shares at the old edges say nothing about the new.
+        """
+        change = np.flatnonzero(np.diff(curves)) + 1
+        for start, stop in zip([0, *change], [*change, len(curves)], strict=True):
+            code = int(curves[start])
+            counter = self._edges.get((predictor, tenant))
+            if counter is None or counter.code != code:
+                counter = _EdgeCounter(self._curves[code], code)
+                self._edges[(predictor, tenant)] = counter
+            counter.add(served[start:stop])
 
     def _fold_all(self) -> None:
         for predictor, source in list(self._pending):

@@ -11,6 +11,7 @@ import trio
 from muse import open_engine
 from muse._errors import InvalidEvent, MappingFitError, NotFound, Overloaded
 from muse._synthetic import FEATURES
+from muse._transform import DEFAULT_CURVE
 from muse._wire import build_matrix
 
 INTENT = "card-fraud"
@@ -199,6 +200,40 @@ async def test_shadows_of_mixed_routes_and_other_features_see_their_own_rows(
             else:
                 assert len(p3_sample) == 0
         assert engine.statistics().shadow_dropped == 0
+
+
+async def test_edge_shares_follow_each_tenants_own_curve(
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    """A tenant with a mapping of its own is watched against its own curve,
+    whichever tenant's scores reach the calibrator first."""
+    own = {0.3: 0.5, 0.9: 0.01}
+    async with open_engine(registry_path, deadline_ms=5000, seed=8) as engine:
+        _, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
+        for tenant, start in (("bank-00", 0), ("bank-01", 1500)):
+            await engine.score(tenant, INTENT, events[start : start + 1500])
+        await engine.admin.fit_mapping(p2, scope="bank-00", curve=own, min_sample=500)
+        await engine.admin.fit_mapping(p2, min_sample=500)
+        await engine.admin.promote("*", INTENT, p2)
+        served = {}
+        for tenant, start in (("bank-01", 3000), ("bank-00", 4000)):
+            results = await engine.score(tenant, INTENT, events[start : start + 1000])
+            served[tenant] = np.array([r["score"] for r in results])
+        shares = {
+            s.tenant: s
+            for s in engine.calibrator.statistics().shares
+            if s.predictor == p2
+        }
+
+    default = sorted(DEFAULT_CURVE.items())
+    for tenant, curve in (("bank-00", sorted(own.items())), ("bank-01", default)):
+        edges = [edge for edge, _ in curve]
+        assert shares[tenant].edges == tuple(edges)
+        assert shares[tenant].targets == tuple(target for _, target in curve)
+        assert shares[tenant].events == 1000
+        assert shares[tenant].observed == tuple(
+            float(np.mean(served[tenant] >= edge)) for edge in edges
+        )
 
 
 async def test_overload_sheds_instead_of_queueing(
