@@ -12,7 +12,6 @@ many versions, predictors and tenants use it.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -23,31 +22,21 @@ from muse._calibrator import Calibrator
 from muse._errors import BadRequest, Conflict, NotFound
 from muse._keys import ADMIN, KeyTable
 from muse._models import load_model
+from muse._names import check_name
 from muse._predictor import Predictor, split_ref
 from muse._registry import Registry
 from muse._router import Change, Router
 from muse._routes import ANY_TENANT, RouteTable
 from muse._serving import LoadedPredictor, Serving
-from muse._trial import check_in_child
 from muse._transform import DEFAULT_CURVE, QuantileMapping
+from muse._trial import check_in_child
 
 __all__ = ["Admin"]
 
 log = logging.getLogger("muse.admin")
 
-# Names become file names in the registry and path segments in URLs.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # A mapping fitted on fewer scores than this is refused unless asked for.
 DEFAULT_MIN_SAMPLE = 1000
-
-
-def check_name(kind: str, name: str) -> str:
-    """Refuse names that cannot be a file name and a URL segment."""
-    if not _NAME.match(name):
-        raise BadRequest(
-            f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
-        )
-    return name
 
 
 class Admin:

@@ -51,6 +51,7 @@ from muse._router import CHANGE_BUFFER, Change, Router
 from muse._routes import ANY_TENANT
 from muse._scorer import SHADOW_JOB_ROWS, SHADOW_LINGER, Job, Scorer, ShadowJob
 from muse._serving import Serving
+from muse._wire import check_deadline
 
 __all__ = ["Engine", "EngineOptions", "open_engine"]
 
@@ -195,6 +196,8 @@ class Engine:
             # The admin key administers; it has no routes, thresholds or
             # samples of its own.
             raise Forbidden("the admin key cannot score; use a tenant key")
+        if deadline_ms is not None:
+            check_deadline(deadline_ms)  # HTTP checked it; an application may not
         plan = self.router.serving.plan(tenant, intent)
         live = plan.live
         matrix = events.matrix(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from muse._errors import NotFound, NotReady
+from muse._names import check_name
 from muse._routes import RouteTable
 
 __all__ = ["LoadedPredictor", "RoutePlan", "Serving"]
@@ -123,11 +124,18 @@ class Serving:
         """How (tenant, intent) is served.
 
         Raises:
+            BadRequest: the tenant is not a valid tenant name (``*`` among
+                them): its scores would be sampled where they cannot be
+                saved, or twice.
             NotFound: no route for the intent.
             NotReady: the route names a predictor that is not loaded.
         """
         found = self._plans.get((tenant, intent))
         if found is None:
+            # Checked here, once per (tenant, intent) and snapshot, rather
+            # than on every request: HTTP tenants come from keys, which are
+            # checked when made, but an embedding application names its own.
+            check_name("tenant", tenant)
             route = self.table.resolve(tenant, intent)
             live = self.predictor(route.live)
             mapping = self.mapping_for(live.ref, tenant)

@@ -33,6 +33,7 @@ __all__ = [
     "REFUSED",
     "ScoreRequest",
     "build_matrix",
+    "check_deadline",
     "check_matrix",
     "decode_body",
     "encode_body",
@@ -276,11 +277,21 @@ def parse_score_request(document: Any, *, max_events: int) -> ScoreRequest:
         )
     deadline = document.get("deadline_ms")
     if deadline is not None:
-        if type(deadline) not in (int, float) or not 0 < deadline < math.inf:
-            raise BadRequest(
-                f"'deadline_ms' must be a positive number, got {deadline!r}"
-            )
+        check_deadline(deadline)
     return ScoreRequest(intent, events, deadline)
+
+
+def check_deadline(deadline_ms: Any) -> float:
+    """Refuse a deadline that is not a positive, finite number of ms.
+
+    Raises:
+        BadRequest: naming the value.
+    """
+    if type(deadline_ms) not in (int, float) or not 0 < deadline_ms < math.inf:
+        raise BadRequest(
+            f"'deadline_ms' must be a positive number, got {deadline_ms!r}"
+        )
+    return float(deadline_ms)
 
 
 def event_ids(events: Sequence[Mapping[Any, Any]]) -> list[Any]:

@@ -9,7 +9,13 @@ import pytest
 import trio
 
 from muse import open_engine
-from muse._errors import InvalidEvent, MappingFitError, NotFound, Overloaded
+from muse._errors import (
+    BadRequest,
+    InvalidEvent,
+    MappingFitError,
+    NotFound,
+    Overloaded,
+)
 from muse._synthetic import FEATURES
 from muse._transform import DEFAULT_CURVE
 from muse._wire import build_matrix
@@ -70,12 +76,29 @@ async def test_engine_errors_name_the_problem(
     registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
     async with open_engine(registry_path, deadline_ms=5000) as engine:
-        await _setup(engine, xgb_bytes, lgb_bytes)
+        p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
         with pytest.raises(NotFound, match="no route for intent 'aml'"):
             await engine.score("bank-01", "aml", events[:1])
         bad = [{"id": "tx-1", "features": {**events[0]["features"], "TX_AMOUNT": "12"}}]
         with pytest.raises(InvalidEvent, match="tx-1.*TX_AMOUNT"):
             await engine.score("bank-01", INTENT, bad)
+        # An embedding application names tenants and deadlines itself: the
+        # ones HTTP could never pass are refused, and the engine serves on.
+        for tenant in ("*", "", "bank 01/../x", "-x"):
+            with pytest.raises(BadRequest, match="tenant name"):
+                await engine.score(tenant, INTENT, events[:1])
+        for deadline in (float("nan"), float("inf"), -5.0, 0, "10", True):
+            with pytest.raises(BadRequest, match="deadline_ms"):
+                await engine.score("bank-01", INTENT, events[:1], deadline_ms=deadline)
+        results = await engine.score("bank-01", INTENT, events[:3], deadline_ms=500)
+        assert [r["id"] for r in results] == [e["id"] for e in events[:3]]
+        await engine.settle_shadows()
+        assert engine.calibrator.statistics().samples == {
+            f"{p1}/*/live": 3,
+            f"{p1}/bank-01/live": 3,
+            f"{p2}/*/shadow": 3,
+            f"{p2}/bank-01/shadow": 3,
+        }
 
 
 async def test_shared_model_is_loaded_once(
@@ -328,7 +351,7 @@ async def test_a_model_that_crashes_its_parser_is_refused_and_serving_goes_on(
     tree = document["learner"]["gradient_booster"]["model"]["trees"][0]
     tree["split_indices"] = [99999] * len(tree["split_indices"])
     async with open_engine(registry_path, deadline_ms=5000) as engine:
-        p1, _ = await _setup(engine, xgb_bytes, lgb_bytes)
+        p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
         with pytest.raises(ModelImportError, match="refused"):
             await engine.admin.put_model(
                 "junk", json.dumps(document).encode(), "xgboost_json"
