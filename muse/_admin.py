@@ -260,9 +260,12 @@ class Admin:
             target = version or (
                 route.shadows[0] if route and len(route.shadows) == 1 else None
             )
+            # The route's own checks first: promoting what is not a shadow
+            # is refused as that, not as a version lacking a mapping.
+            table = serving.table.promoted(tenant, intent, target)
             if target is not None:
                 self._check_servable(serving, target, tenant)
-            return serving.table.promoted(tenant, intent, target)
+            return table
 
         serving = await self._apply(
             Change(build, description=f"promoted on {tenant}/{intent}")

@@ -11,6 +11,7 @@ import trio
 from muse import open_engine
 from muse._errors import (
     BadRequest,
+    Conflict,
     InvalidEvent,
     MappingFitError,
     NotFound,
@@ -131,6 +132,10 @@ async def test_shadow_fit_promote_and_rollback(
 
         with pytest.raises(Exception, match="no fitted mapping"):
             await engine.admin.promote("*", INTENT, p2)
+        # The live version is refused as not being a shadow, whatever its
+        # mapping.
+        with pytest.raises(Conflict, match=f"{p1} is not a shadow"):
+            await engine.admin.promote("*", INTENT, p1)
         mapping = await engine.admin.fit_mapping(p2, source="shadow", min_sample=1000)
         await engine.admin.promote("*", INTENT, p2)
 
