@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from muse._calibrator import Calibrator
-from muse._errors import BadRequest, Conflict, NotFound
+from muse._errors import BadRequest, Conflict, MuseError, NotFound
 from muse._keys import ADMIN, KeyTable
 from muse._models import load_model
 from muse._names import check_name
@@ -72,7 +72,15 @@ class Admin:
         table = RouteTable.from_dict({**document, "version": version})
         predictors = {}
         for ref in sorted(table.predictors()):
-            predictors[ref] = await self._load_predictor(ref)
+            try:
+                predictors[ref] = await self._load_predictor(ref)
+            except MuseError as exc:
+                # One broken version must not keep the server from serving
+                # every route that does not need it: it stays out of the
+                # snapshot, /readyz names it, a route with it live answers
+                # 503, a route with it as a shadow drops its shadow events
+                # (counted), and the admin API can route around it.
+                log.error("predictor %s could not be loaded: %s", ref, exc)
         mappings = {}
         for scopes in table.mappings.values():
             for mapping_id in scopes.values():

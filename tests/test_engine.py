@@ -264,6 +264,24 @@ async def test_edge_shares_follow_each_tenants_own_curve(
         )
 
 
+async def test_a_broken_shadow_does_not_keep_the_engine_from_serving(
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
+        p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
+    # The shadow's model file goes bad while the engine is down.
+    (registry_path / "models" / "fraud-lgb" / "1.model").write_bytes(b"garbage")
+
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
+        assert engine.ready() == [p2]
+        results = await engine.score("bank-01", INTENT, events[:5])
+        assert {r["predictor"] for r in results} == {p1}
+        assert engine.statistics().shadow_dropped == 5
+        # The operator routes around it, and the engine is ready again.
+        await engine.admin.set_route("*", INTENT, p1, ())
+        assert engine.ready() == []
+
+
 async def test_overload_sheds_instead_of_queueing(
     registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
