@@ -342,7 +342,9 @@ class Admin:
             raise BadRequest(f"min_sample must be at least 1, got {min_sample}")
         if source not in ("shadow", "live"):
             raise BadRequest(f"source must be 'shadow' or 'live', got {source!r}")
-        self._router.serving.require_loaded(predictor)
+        # Declared but not routed since a restart: loaded now, so a fit works
+        # the same before and after one (its samples were restored).
+        loaded = await self._load_predictor(predictor)
         tenant = ANY_TENANT if scope == "global" else scope
         if source == "shadow" and self._settle_shadows is not None:
             # Shadow scores reach the sample a little after their requests
@@ -367,6 +369,7 @@ class Admin:
         await self._apply(
             Change(
                 build,
+                predictors={predictor: loaded},
                 mappings={mapping.id: mapping},
                 description=f"mapping {mapping.id} fitted for {predictor} ({scope}, "
                 f"{len(sample)} {source} scores)",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from muse._errors import NotFound, NotReady
+from muse._errors import NotReady
 from muse._names import check_name
 from muse._routes import RouteTable
 
@@ -191,13 +191,6 @@ class Serving:
             MappingProxyType(merged_predictors),
             MappingProxyType(merged_mappings),
         )
-
-    def require_loaded(self, ref: str) -> LoadedPredictor:
-        """Like ``predictor`` but for admin calls: an unknown ref is a 404."""
-        found = self.predictors.get(ref)
-        if found is None:
-            raise NotFound(f"predictor {ref} is not loaded (declare it first)")
-        return found
 
 
 def _takes_rows_of(shadow: LoadedPredictor, live: LoadedPredictor) -> bool:

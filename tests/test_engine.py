@@ -282,6 +282,23 @@ async def test_a_broken_shadow_does_not_keep_the_engine_from_serving(
         assert engine.ready() == []
 
 
+async def test_a_declared_predictor_off_every_route_can_be_fitted_after_restart(
+    registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
+) -> None:
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
+        p1, p2 = await _setup(engine, xgb_bytes, lgb_bytes)
+        await engine.score("bank-01", INTENT, events[:1500])
+        await engine.settle_shadows()
+        await engine.admin.set_route("*", INTENT, p1, ())  # p2 leaves the route
+
+    async with open_engine(registry_path, deadline_ms=5000) as engine:
+        assert p2 not in engine.router.serving.predictors
+        fitted = await engine.admin.fit_mapping(p2, min_sample=500)
+        assert fitted["sample_size"] == 1500
+        with pytest.raises(NotFound, match="fraud@9"):
+            await engine.admin.fit_mapping("fraud@9", min_sample=500)
+
+
 async def test_overload_sheds_instead_of_queueing(
     registry_path: Path, xgb_bytes: bytes, lgb_bytes: bytes, events: list[dict]
 ) -> None:
