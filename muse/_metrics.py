@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-__all__ = ["Metrics", "CONTENT_TYPE"]
+__all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -111,9 +111,19 @@ class _EngineCollector:
             counter = CounterMetricFamily(name, text)
             counter.add_metric([], value)
             yield counter
-        yield from self._shares()
+        yield from self._calibration()
 
-    def _shares(self) -> Iterator[Metric]:
+    def _calibration(self) -> Iterator[Metric]:
+        stats = self._engine.calibrator.statistics()
+        sizes = GaugeMetricFamily(
+            "muse_calibration_sample_size",
+            "Scores held in the reservoir a mapping would be fitted from.",
+            labels=["predictor", "tenant", "source"],
+        )
+        for key, size in stats.samples.items():
+            # "predictor/tenant/source": names cannot hold a slash.
+            sizes.add_metric(key.split("/"), size)
+        yield sizes
         observed = GaugeMetricFamily(
             "muse_live_share_at_edge",
             "Share of served scores at or above each reference edge.",
@@ -124,7 +134,7 @@ class _EngineCollector:
             "Target share of the reference curve at each edge.",
             labels=["predictor", "tenant", "edge"],
         )
-        for row in self._engine.calibrator.statistics().shares:
+        for row in stats.shares:
             for edge, goal, seen in zip(row.edges, row.targets, row.observed):
                 labels = [row.predictor, row.tenant, f"{edge:g}"]
                 observed.add_metric(labels, seen)

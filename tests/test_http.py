@@ -387,6 +387,7 @@ async def test_health_readiness_and_metrics(
         async with AsyncClient(url, setup["keys"]["bank-02"]) as client:
             for _ in range(3):
                 await client.score(INTENT, _plain(events[:10]))
+        await engine.settle_shadows()
         async with httpx.AsyncClient(base_url=url) as http:
             assert (await http.get("/healthz")).status_code == 200
             assert (await http.get("/readyz")).status_code == 200
@@ -394,6 +395,14 @@ async def test_health_readiness_and_metrics(
         assert 'muse_http_requests_total{route="/v1/score",status="200"} 3.0' in text
         assert "muse_events_total 30.0" in text
         assert "muse_live_share_at_edge" in text
+        # 30 events of bank-02 on the * route's live p1, and on its shadow.
+        for predictor, source in ((setup["p1"], "live"), (setup["p2"], "shadow")):
+            for tenant in ("*", "bank-02"):
+                line = (
+                    f'muse_calibration_sample_size{{predictor="{predictor}",'
+                    f'source="{source}",tenant="{tenant}"}} 30.0'
+                )
+                assert line in text
 
 
 async def test_restart_comes_back_with_the_same_routes(
