@@ -64,9 +64,7 @@ class Admin:
     async def load(self) -> None:
         """Load keys, routes, routed predictors, their mappings and samples."""
         registry = self._registry
-        key_version, key_document = await trio.to_thread.run_sync(
-            registry.current_keys
-        )
+        key_version, key_document = await trio.to_thread.run_sync(registry.current_keys)
         self.keys = KeyTable.from_dict({**key_document, "version": key_version})
         version, document = await trio.to_thread.run_sync(registry.current_routes)
         table = RouteTable.from_dict({**document, "version": version})
@@ -116,8 +114,12 @@ class Admin:
         if isinstance(data, (bytes, bytearray)):
             await trio.to_thread.run_sync(
                 lambda: check_in_child(
-                    bytes(data), format, feature_names, beta,
-                    self._registry.compiled_dir, golden,
+                    bytes(data),
+                    format,
+                    feature_names,
+                    beta,
+                    self._registry.compiled_dir,
+                    golden,
                 )
             )
         model = await trio.to_thread.run_sync(
@@ -265,9 +267,9 @@ class Admin:
         def build(serving: Serving) -> RouteTable:
             serving.table.check_version(expect_version)
             route = serving.table.routes.get((tenant, intent))
-            target = version or (
-                route.shadows[0] if route and len(route.shadows) == 1 else None
-            )
+            target = version
+            if target is None and route is not None and len(route.shadows) == 1:
+                target = route.shadows[0]
             # The route's own checks first: promoting what is not a shadow
             # is refused as that, not as a version lacking a mapping.
             table = serving.table.promoted(tenant, intent, target)
@@ -345,7 +347,7 @@ class Admin:
         # Declared but not routed since a restart: loaded now, so a fit works
         # the same before and after one (its samples were restored).
         loaded = await self._load_predictor(predictor)
-        tenant = ANY_TENANT if scope == "global" else scope
+        tenant = ANY_TENANT if scope == "global" else check_name("tenant", scope)
         if source == "shadow" and self._settle_shadows is not None:
             # Shadow scores reach the sample a little after their requests
             # are answered; a fit includes every request answered before it.

@@ -92,7 +92,9 @@ def build_admin_app(engine: Any, max_body: int) -> QuartTrio:
     async def delete_route(body: dict[str, Any], tenant: str, intent: str) -> Any:
         return await admin.delete_route(tenant, intent, expect_version=None)
 
-    @view("/v1/routes/<tenant>/<intent>/promote", ["POST"], 200, "version expect_version")
+    @view(
+        "/v1/routes/<tenant>/<intent>/promote", ["POST"], 200, "version expect_version"
+    )
     async def promote(body: dict[str, Any], tenant: str, intent: str) -> Any:
         return await admin.promote(
             tenant,
@@ -116,8 +118,8 @@ def build_admin_app(engine: Any, max_body: int) -> QuartTrio:
     async def fit_mapping(body: dict[str, Any]) -> Any:
         return await admin.fit_mapping(
             _field(body, "predictor", str),
-            scope=_optional(body, "scope", str) or "global",
-            source=_optional(body, "source", str) or "shadow",
+            scope=_default(_optional(body, "scope", str), "global"),
+            source=_default(_optional(body, "source", str), "shadow"),
             curve=_optional(body, "curve", dict),
             min_sample=_optional(body, "min_sample", int),
         )
@@ -224,3 +226,9 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> An
 
 def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     return None if body.get(name) is None else _field(body, name, kind)
+
+
+def _default(value: Any, default: Any) -> Any:
+    # Only an absent (or nil) field takes the default: an empty string is a
+    # value, and refused as one.
+    return default if value is None else value

@@ -24,7 +24,9 @@ MSGPACK = {"content-type": "application/msgpack"}
 
 
 @asynccontextmanager
-async def running(registry: Path, **engine_options: Any) -> AsyncIterator[tuple[str, Any]]:
+async def running(
+    registry: Path, **engine_options: Any
+) -> AsyncIterator[tuple[str, Any]]:
     """Serve ``registry`` on a free loopback port for the block's duration."""
     # These tests check answers, not latency: a generous deadline keeps a
     # busy CI machine from turning a slow answer into a 504.
@@ -234,6 +236,35 @@ async def test_every_error_status_has_a_msgpack_body(
                 409,
                 "conflict",
             ),
+            # An empty string is a value, not an absent field: refused, not
+            # read as the default.
+            (
+                "POST",
+                "/v1/routes/*/card-fraud/promote",
+                {"content": body({"version": ""}), "headers": admin},
+                409,
+                "conflict",
+            ),
+            (
+                "POST",
+                "/v1/mappings/fit",
+                {
+                    "content": body({"predictor": setup["p2"], "source": ""}),
+                    "headers": admin,
+                },
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/mappings/fit",
+                {
+                    "content": body({"predictor": setup["p2"], "scope": ""}),
+                    "headers": admin,
+                },
+                400,
+                "bad_request",
+            ),
             (
                 "PUT",
                 "/v1/models/bad",
@@ -274,7 +305,10 @@ async def test_every_error_status_has_a_msgpack_body(
             (
                 "PUT",
                 "/v1/routes/*/card-fraud",
-                {"content": body({"live": setup["p1"], "shadow": []}), "headers": admin},
+                {
+                    "content": body({"live": setup["p1"], "shadow": []}),
+                    "headers": admin,
+                },
                 400,
                 "bad_request",
             ),
