@@ -315,16 +315,10 @@ class Calibrator:
             served, curves = self._map(jobs, bounds, premapped)
             # Requests answer with Python floats: convert once per group,
             # not once per job.
-            scores = served.tolist()
-            if len(jobs) == len(scores):  # single events: no slicing
-                for job, score in zip(jobs, scores, strict=True):
-                    if not job.cancelled:
-                        job.finish([score])
-            else:
-                edges = bounds.tolist()
-                for index, job in enumerate(jobs):
-                    if not job.cancelled:
-                        job.finish(scores[edges[index] : edges[index + 1]])
+            scores, edges = served.tolist(), bounds.tolist()
+            for index, job in enumerate(jobs):
+                if not job.cancelled:
+                    job.finish(scores[edges[index] : edges[index + 1]])
             tenants = np.fromiter(
                 (self._code(j.tenant) for j in jobs), np.int64, len(jobs)
             )

@@ -55,20 +55,6 @@ class DeadlineWatch:
         self._target = math.inf
         self.expired = 0
 
-    def watch_in_order(self, deadline: float, job: Any) -> None:
-        """``watch(deadline, job, in_order=True)``, for the path every request
-        on the default budget takes."""
-        in_order = self._in_order
-        if not in_order:
-            # Else its first entry is due no later than this one, and the
-            # watch's wake-up already allows for it.
-            if not self._heap:
-                self._wakeup.set()
-            elif deadline < self._target and self._sleep is not None:
-                self._target = deadline
-                self._sleep.deadline = deadline
-        in_order.append((deadline, job))
-
     def watch(self, deadline: float, job: Any, *, in_order: bool = False) -> None:
         """Fail ``job`` at ``deadline`` (trio time) unless it is done by then.
 

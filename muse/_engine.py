@@ -149,7 +149,6 @@ class Engine:
         self._requests = self._events = self._overloaded = 0
         self._deadlines = self._aborted = self._shadow_jobs = self._shadow_dropped = 0
         self._open_shadows: dict[str, ShadowJob] = {}
-        self._default_budget_s = options.deadline_ms / 1000.0
         self.on_batch: Any = None
 
     # -- scoring -------------------------------------------------------------
@@ -240,15 +239,13 @@ class Engine:
         ]
 
     def _watch(self, job: Job, deadline_ms: float | None) -> None:
-        if deadline_ms is None:
-            # The default budget's deadlines fall in call order: the cheap queue.
-            job.budget_ms = self.options.deadline_ms
-            self.deadlines.watch_in_order(
-                trio.current_time() + self._default_budget_s, job
-            )
-        else:
-            job.budget_ms = deadline_ms
-            self.deadlines.watch(trio.current_time() + deadline_ms / 1000.0, job)
+        job.budget_ms = deadline_ms or self.options.deadline_ms
+        # The default budget's deadlines fall in call order: the cheap queue.
+        self.deadlines.watch(
+            trio.current_time() + job.budget_ms / 1000.0,
+            job,
+            in_order=deadline_ms is None,
+        )
 
     def _failed(self, job: Job) -> MuseError:
         """What a failed job raises in its request."""

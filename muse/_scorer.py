@@ -104,14 +104,8 @@ class Job:
     shadow = False
 
     def finish(self, scores: list[float]) -> None:
-        # _set_done inlined: this runs once per request.
-        if self.done:
-            return
         self.scores = scores
-        self.done = True
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            trio.lowlevel.reschedule(waiter)
+        self._set_done()
 
     def fail(self, error: BaseException) -> None:
         self.error = error

@@ -281,7 +281,7 @@ def parse_score_request(document: Any, *, max_events: int) -> ScoreRequest:
     return ScoreRequest(intent, events, deadline)
 
 
-def check_deadline(deadline_ms: Any) -> float:
+def check_deadline(deadline_ms: Any) -> None:
     """Refuse a deadline that is not a positive, finite number of ms.
 
     Raises:
@@ -291,7 +291,6 @@ def check_deadline(deadline_ms: Any) -> float:
         raise BadRequest(
             f"'deadline_ms' must be a positive number, got {deadline_ms!r}"
         )
-    return float(deadline_ms)
 
 
 def event_ids(events: Sequence[Mapping[Any, Any]]) -> list[Any]:

@@ -33,11 +33,8 @@ async def test_deadline_watch_expires_each_job_within_a_tick_of_its_deadline(
     async with trio.open_nursery() as nursery:
         await nursery.start(watch.run)
         for k, job in enumerate(in_order):
-            if k % 2:
-                watch.watch_in_order(start + 0.1 * (k + 1), job)
-            else:
-                watch.watch(start + 0.1 * (k + 1), job, in_order=True)
-        watch.watch_in_order(start + 0.3, finished)
+            watch.watch(start + 0.1 * (k + 1), job, in_order=True)
+        watch.watch(start + 0.3, finished, in_order=True)
         for budget, job in own.items():
             watch.watch(start + budget, job)
         await trio.sleep(1.0)
@@ -66,7 +63,7 @@ async def test_an_earlier_in_order_deadline_moves_the_wake_up(
         await nursery.start(watch.run)
         watch.watch(start + 5.0, far)
         await trio.sleep(0.05)  # the watch now sleeps towards start + 5
-        watch.watch_in_order(start + 0.1, near)
+        watch.watch(start + 0.1, near, in_order=True)
         await trio.sleep(0.5)
         assert near.expired_at is not None
         assert 0 <= near.expired_at - (start + 0.1) <= TICK + 1e-9
